@@ -1,0 +1,349 @@
+"""DiffusionBundle: the Stable Diffusion parts ICE needs, loaded from local files only.
+
+Supported: SD 1.x (CLIP-L text encoder, 768-d, epsilon) and SD 2.x (OpenCLIP-H text encoder, 1024-d,
+epsilon or v-prediction). Single-file checkpoints are read with the configs shipped in
+``ice_ops/configs``; diffusers folders with ``local_files_only=True``. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .imaging import resize_image
+
+CONFIG_ROOT = os.path.join(os.path.dirname(__file__), "configs")
+FAMILY_BY_TEXT_WIDTH = {768: "sd1", 1024: "sd2"}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SUPPORTED_TEXT = "Stable Diffusion 1.x (768-d text encoder) and 2.x (1024-d text encoder, epsilon or v-prediction)"
+# Keys of an original (LDM) single-file checkpoint.
+LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_VAE_PREFIX = "first_stage_model."
+LDM_CROSS_ATTENTION_KEY = LDM_UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+LDM_LAST_NORM_BIAS_KEY = LDM_UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+# ComfyUI's rule for telling SD 2.x 768-v checkpoints from 512-base ones by their weights.
+V_PREDICTION_NORM_STD = 0.09
+SD2_V_NATIVE_SAMPLE_SIZE = 96
+
+
+def unsupported_model_error(what: str) -> ValueError:
+    return ValueError(f"Unsupported model: {what}. ICE supports {SUPPORTED_TEXT}; load an SD 1.5 or SD 2.1 checkpoint.")
+
+
+def _read_config(family: str, part: str, config_dir: str | None = None) -> dict:
+    folder = config_dir or os.path.join(CONFIG_ROOT, family)
+    path = os.path.join(folder, f"{part}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"Missing config {path}; a config folder needs unet.json, vae.json and text_encoder.json.")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def scheduler_config(prediction_type: str) -> dict:
+    config = _read_config("sd1", "scheduler")
+    config["prediction_type"] = prediction_type
+    return config
+
+
+@dataclass
+class DiffusionBundle:
+    """UNet, VAE, text encoder, tokenizer and training noise scheduler of one SD model.
+
+    ``dtype`` is the compute dtype of the UNet and VAE (fp32 on CPU; fp16/bf16 autocast is used on GPU by
+    the training loop). The text encoder is kept in fp32 when it is trained through.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    family: str
+    prediction_type: str
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_components(
+        cls,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler=None,
+        *,
+        prediction_type: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "DiffusionBundle":
+        """Wrap already-built diffusers/transformers modules (models are put in eval mode and frozen)."""
+        from diffusers import DDPMScheduler
+
+        width = int(text_encoder.config.hidden_size)
+        cross = unet.config.cross_attention_dim
+        if isinstance(cross, (list, tuple)):
+            cross = cross[0]
+        if int(cross) != width:
+            raise ValueError(
+                f"The UNet expects {cross}-d text features but the text encoder gives {width}-d; "
+                "load the text encoder that belongs to this checkpoint."
+            )
+        family = FAMILY_BY_TEXT_WIDTH.get(width, "custom")
+        if scheduler is None:
+            scheduler = DDPMScheduler.from_config(scheduler_config(prediction_type or "epsilon"))
+        prediction = prediction_type or scheduler.config.prediction_type
+        if prediction not in PREDICTION_TYPES:
+            raise unsupported_model_error(f"prediction type {prediction!r}")
+        if prediction != scheduler.config.prediction_type:
+            scheduler = DDPMScheduler.from_config({**scheduler.config, "prediction_type": prediction})
+        device = torch.device(device) if device is not None else next(unet.parameters()).device
+        dtype = dtype or next(unet.parameters()).dtype
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        bundle = cls(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, family, prediction)
+        return bundle.to(device, dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "DiffusionBundle":
+        """Load a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder!r} is not a folder; give a diffusers model folder or use from_single_file.")
+        missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(folder, p))]
+        if missing:
+            raise ValueError(
+                f"{folder!r} is not a complete diffusers Stable Diffusion folder (missing {', '.join(missing)})."
+            )
+        local = dict(local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local)
+        scheduler = None
+        if os.path.isdir(os.path.join(folder, "scheduler")):
+            raw = DDPMScheduler.load_config(folder, subfolder="scheduler", **local)
+            scheduler = DDPMScheduler.from_config(raw)
+        _check_supported(text_encoder)
+        return cls.from_components(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str,
+        *,
+        prediction_type: str | None = None,
+        config_dir: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "DiffusionBundle":
+        """Load an original-layout SD 1.x / 2.x ``.safetensors`` checkpoint with the shipped configs.
+
+        ``prediction_type`` overrides detection (SD 2.x 768-v checkpoints are recognised the way ComfyUI
+        does). ``config_dir`` (a folder with unet/vae/text_encoder JSON configs) loads custom architectures.
+        """
+        from safetensors.torch import load_file
+
+        if not path.endswith(".safetensors"):
+            raise ValueError(
+                f"{os.path.basename(path)!r} is not a .safetensors file; only safetensors checkpoints are loaded "
+                "(pickle files can run code). Convert it to .safetensors first."
+            )
+        if not os.path.isfile(path):
+            raise ValueError(f"Checkpoint {path!r} does not exist.")
+        state = load_file(path)
+        return cls.from_ldm_state_dict(
+            state, prediction_type=prediction_type, config_dir=config_dir, device=device, dtype=dtype
+        )
+
+    @classmethod
+    def from_ldm_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        *,
+        prediction_type: str | None = None,
+        config_dir: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "DiffusionBundle":
+        """Build a bundle from an original (LDM) state dict, as single files and ComfyUI hold them."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_clip_checkpoint,
+            convert_ldm_unet_checkpoint,
+            convert_ldm_vae_checkpoint,
+            convert_open_clip_checkpoint,
+        )
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        family = detect_family(state)
+        prediction = prediction_type or detect_prediction_type(state, family)
+        if prediction not in PREDICTION_TYPES:
+            raise unsupported_model_error(f"prediction type {prediction!r}")
+        unet_config = _read_config(family, "unet", config_dir)
+        if family == "sd2" and prediction == "v_prediction" and config_dir is None:
+            unet_config["sample_size"] = SD2_V_NATIVE_SAMPLE_SIZE
+        vae_config = _read_config(family, "vae", config_dir)
+        text_config = _read_config(family, "text_encoder", config_dir)
+
+        unet = UNet2DConditionModel.from_config(unet_config)
+        unet_state = convert_ldm_unet_checkpoint(state, unet.config)
+        _load_exact(unet, unet_state, "UNet")
+
+        vae = AutoencoderKL.from_config(vae_config)
+        vae_state = convert_ldm_vae_checkpoint(state, vae.config)
+        _load_exact(vae, vae_state, "VAE")
+
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items() if k != "architectures"}))
+        if family == "sd1":
+            text_state = convert_ldm_clip_checkpoint(state)
+        else:
+            text_state = convert_open_clip_checkpoint(text_encoder, state)
+        text_state = _match_text_prefix(text_encoder, text_state)
+        _load_exact(text_encoder, text_state, "text encoder", ignore=("position_ids",))
+
+        from .text import END_OF_TEXT, build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer(pad_token=END_OF_TEXT if family == "sd1" else "!")
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(scheduler_config(prediction))
+        return cls.from_components(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DiffusionBundle":
+        """Move every model (in place) and return self."""
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        self.unet.to(self.device, self.dtype)
+        self.vae.to(self.device, self.dtype)
+        self.text_encoder.to(self.device, self.dtype)
+        return self
+
+    # ------------------------------------------------------------------ sizes derived from configs
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scaling(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def unet_downsampling(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (64 for Stable Diffusion)."""
+        return self.vae_scale_factor * self.unet_downsampling
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    # ------------------------------------------------------------------ encoders
+    def prepare_image(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``[3, H, W]`` in 0..1 -> ``[1, 3, h, w]`` in -1..1 at ``size`` on the bundle's device."""
+        resized = resize_image(image.float(), size)
+        return (resized * 2 - 1)[None].to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Scaled posterior mean latent ``[1, C, h, w]`` of an image (no sampling)."""
+        posterior = self.vae.encode(self.prepare_image(image, size)).latent_dist
+        return posterior.mean * self.latent_scaling
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` latents -> ``[B, 3, H, W]`` images in 0..1."""
+        decoded = self.vae.decode(latents.to(self.device, self.dtype) / self.latent_scaling).sample
+        return ((decoded.float() + 1) / 2).clamp(0, 1)
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``[B, max_length]`` padded the way the model was trained."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids.to(self.device)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Last hidden states ``[B, L, D]`` of the text encoder (the UNet's cross-attention context)."""
+        with torch.no_grad():
+            return self.text_encoder(self.tokenize(prompts))[0]
+
+
+def _check_supported(text_encoder) -> None:
+    width = int(text_encoder.config.hidden_size)
+    if width not in FAMILY_BY_TEXT_WIDTH and width > 1024:
+        raise unsupported_model_error(f"a {width}-d text encoder")
+
+
+def detect_family(state: dict[str, torch.Tensor]) -> str:
+    """'sd1' or 'sd2' from an LDM state dict; ``ValueError`` for anything else."""
+    if LDM_CROSS_ATTENTION_KEY not in state:
+        if any(k.startswith("model.diffusion_model.joint_blocks") for k in state) or any(
+            k.startswith("model.diffusion_model.double_blocks") for k in state
+        ):
+            raise unsupported_model_error("an SD3/Flux-type transformer checkpoint")
+        if any(k.startswith("conditioner.embedders.1") for k in state):
+            raise unsupported_model_error("an SDXL checkpoint")
+        raise unsupported_model_error("this file has no Stable Diffusion UNet in the original layout")
+    width = int(state[LDM_CROSS_ATTENTION_KEY].shape[1])
+    family = FAMILY_BY_TEXT_WIDTH.get(width)
+    if family is None:
+        raise unsupported_model_error(f"a UNet with {width}-d cross-attention (SDXL uses 2048)")
+    return family
+
+
+def detect_prediction_type(state: dict[str, torch.Tensor], family: str) -> str:
+    """SD 1.x: epsilon. SD 2.x: v-prediction when the checkpoint says so or its last transformer norm
+    has the statistics of the 768-v model (ComfyUI's rule); epsilon otherwise."""
+    if "v_pred" in state:
+        return "v_prediction"
+    if family == "sd2" and LDM_LAST_NORM_BIAS_KEY in state:
+        bias = state[LDM_LAST_NORM_BIAS_KEY].float()
+        if torch.std(bias, unbiased=False) > V_PREDICTION_NORM_STD:
+            return "v_prediction"
+    return "epsilon"
+
+
+def _match_text_prefix(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 dropped the ``text_model.`` level of CLIPTextModel; accept either layout."""
+    wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
+    out = {}
+    for key, value in state.items():
+        bare = key[len("text_model.") :] if key.startswith("text_model.") else key
+        out["text_model." + bare if wants_prefix else bare] = value
+    return out
+
+
+def _load_exact(module, state: dict[str, torch.Tensor], what: str, ignore: Sequence[str] = ()) -> None:
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not any(i in k for i in ignore)]
+    unexpected = [k for k in result.unexpected_keys if not any(i in k for i in ignore)]
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint's {what} does not match the expected architecture "
+            f"({len(missing)} missing weights, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}). "
+            f"ICE supports {SUPPORTED_TEXT}."
+        )

@@ -1,0 +1,159 @@
+"""Image and mask conversions shared by both stages.
+
+Images are float tensors ``[3, H, W]`` in 0..1 on the engine side. Anything else a user can hand over
+(PIL images of any mode, ``[H, W, 3]`` arrays, batches of one) is converted by :func:`to_image_tensor`.
+
+Working size (the one documented rule for sizes that are not multiples of 64): the image is scaled so its
+longer side equals the model's native resolution (512 for SD 1.x and SD 2.x-base, 768 for SD 2.x-v), then
+each side is rounded to the nearest multiple of the model's size multiple (the VAE factor times the UNet's
+total downsampling, 64 for Stable Diffusion) and never below one multiple. Masks are computed at that
+working size and resized back to the input size, so callers always get masks at the size they gave.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MIN_SIDE = 64
+MASK_THRESHOLD = 0.5
+
+
+def to_image_tensor(image) -> torch.Tensor:
+    """Return a float ``[3, H, W]`` tensor in 0..1 (on the input's device for tensors, CPU otherwise).
+
+    PIL greyscale, palette and alpha images are converted to RGB; alpha is composited over black,
+    matching how Stage One blanks regions it has already explained.
+    """
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach()
+    elif isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        if tensor.ndim == 3 and tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4):
+            tensor = tensor.permute(2, 0, 1)
+        if tensor.dtype == torch.uint8:
+            tensor = tensor.float() / 255.0
+    else:
+        tensor = _pil_to_tensor(image)
+    if tensor.ndim == 4:
+        if tensor.shape[0] != 1:
+            raise ValueError(
+                f"Expected one image, got a batch of {tensor.shape[0]}; pick one image (e.g. with an image-batch "
+                "selector) before this step."
+            )
+        tensor = tensor[0]
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"Expected an image shaped [3, H, W] (channels first, values 0..1), got shape {tuple(tensor.shape)}."
+        )
+    tensor = tensor.float()
+    if tensor.shape[0] == 4:
+        tensor = tensor[:3] * tensor[3:4]
+    elif tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    if not torch.isfinite(tensor).all():
+        raise ValueError("The image contains NaN or infinite values; load it again from a regular image file.")
+    if tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3:
+        raise ValueError(
+            f"Image values must lie in 0..1, got {float(tensor.min()):.3g}..{float(tensor.max()):.3g}; "
+            "divide 8-bit images by 255."
+        )
+    return tensor.clamp(0, 1).contiguous()
+
+
+def _pil_to_tensor(image) -> torch.Tensor:
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"Expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        rgba = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return rgba
+    image = image.convert("RGB")
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def check_min_size(height: int, width: int) -> None:
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(
+            f"The image is {width}x{height} pixels; ICE needs at least {MIN_SIDE} pixels on each side. "
+            "Use a larger image (512 px or more works best)."
+        )
+
+
+def working_size(height: int, width: int, native: int, multiple: int) -> tuple[int, int]:
+    """Size the model works at for an input of ``height`` x ``width`` (see the module docstring)."""
+    check_min_size(height, width)
+    scale = native / max(height, width)
+
+    def snap(side: int) -> int:
+        return max(multiple, int(round(side * scale / multiple)) * multiple)
+
+    return snap(height), snap(width)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[3, H, W]`` (antialiased when shrinking)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    shrinking = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return out[0].clamp(0, 1)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a ``[H, W]`` mask in 0..1 and re-binarise it (> 0.5), which keeps disjoint masks disjoint."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask.float()
+    out = F.interpolate(mask[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    return (out > MASK_THRESHOLD).float()
+
+
+def resize_soft_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-averaged resize of ``[..., H, W]`` masks, keeping fractional coverage (for losses)."""
+    lead = mask.shape[:-2]
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    if tuple(flat.shape[-2:]) == tuple(size):
+        out = flat
+    elif size[0] <= flat.shape[-2] and size[1] <= flat.shape[-1]:
+        out = F.adaptive_avg_pool2d(flat, size)
+    else:
+        out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return out.reshape(*lead, *size)
+
+
+def overlay_masks(image: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Colour each mask of ``[K, H, W]`` over ``[3, H, W]``; returns ``[3, H, W]`` in 0..1."""
+    out = image.clone().float()
+    for index, mask in enumerate(masks):
+        colour = torch.tensor(palette_colour(index), dtype=out.dtype, device=out.device)[:, None, None]
+        weight = alpha * mask.to(out.device, out.dtype)[None]
+        out = out * (1 - weight) + colour * weight
+    return out.clamp(0, 1)
+
+
+def palette_colour(index: int) -> tuple[float, float, float]:
+    """A distinct, saturated colour for label ``index`` (golden-angle hue walk)."""
+    import colorsys
+
+    hue = (index * 0.618033988749895) % 1.0
+    return colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+
+
+def tensor_to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def mask_to_pil(mask: torch.Tensor):
+    from PIL import Image
+
+    array = (mask.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(array, mode="L")
