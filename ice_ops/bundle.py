@@ -222,9 +222,12 @@ class DiffusionBundle:
         """Move every model (in place) and return self."""
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
-        self.unet.to(self.device, self.dtype)
-        self.vae.to(self.device, self.dtype)
-        self.text_encoder.to(self.device, self.dtype)
+        for module in (self.unet, self.vae, self.text_encoder):
+            current = next(module.parameters())
+            if current.device != self.device:
+                module.to(self.device)
+            if current.dtype != self.dtype:
+                module.to(dtype=self.dtype)
         return self
 
     # ------------------------------------------------------------------ sizes derived from configs

@@ -1,0 +1,261 @@
+"""Command line: ``python -m ice_ops {localize,learn,compose,export} ...`` (``--help`` on each)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+log = logging.getLogger("ice_ops")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ice_ops",
+        description="ICE: find the objects in one image (localize), learn tokens for what they are and their "
+        "material and colour (learn), and generate with them (compose). No weights are ever downloaded.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="only print errors and final results")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    loc = commands.add_parser("localize", help="Stage One: find objects, write masks and a concept set",
+                              description="Stage One: retrieve a word, segment it, remove it, repeat.")
+    loc.add_argument("image", help="the photo to analyse (any format Pillow reads)")
+    _model_arguments(loc)
+    loc.add_argument("--clip-arch", required=True,
+                     help="open_clip architecture of the retriever (e.g. ViT-L-14 for SD 1.x, ViT-H-14 for SD 2.x), "
+                     "or the path of an open_clip model-config JSON for custom or tiny models")
+    loc.add_argument("--clip-weights", default=None,
+                     help="the retriever's weights as a local .safetensors file (open_clip state dict)")
+    loc.add_argument("--vocabulary", default=None,
+                     help="a text file with one noun per line (default: the vocabulary shipped with ICE)")
+    loc.add_argument("--cache-dir", default=None,
+                     help="folder where the vocabulary's text embeddings are cached (default: no cache)")
+    loc.add_argument("--stop-fraction", type=float, default=0.05,
+                     help="stop when less than this fraction of the image is unexplained (paper: 0.05)")
+    loc.add_argument("--max-concepts", type=int, default=6, help="at most this many concepts (default 6)")
+    loc.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    loc.add_argument("--out", required=True, help="output folder for mask_*.png, overlay.png and concepts.safetensors")
+    loc.add_argument("--overwrite", action="store_true", help="replace files that already exist in --out")
+    loc.set_defaults(handler=run_localize)
+
+    lrn = commands.add_parser("learn", help="Stage Two: learn object, instance and intrinsic tokens",
+                              description="Stage Two: phase one (object + instance tokens) then phase two "
+                              "(one intrinsic token per anchor).")
+    lrn.add_argument("concepts", help="concept-set file written by 'localize'")
+    lrn.add_argument("--image", required=True, help="the same image that was localized")
+    _model_arguments(lrn)
+    lrn.add_argument("--object-steps", type=int, default=400, help="phase-one steps (default 400)")
+    lrn.add_argument("--intrinsic-steps", type=int, default=400,
+                     help="phase-two steps (default 400; 0 skips phase two)")
+    lrn.add_argument("--anchors", default="material,colour",
+                     help="comma-separated intrinsic anchors (default material,colour)")
+    lrn.add_argument("--lr", type=float, default=5e-4, help="learning rate of the token vectors (default 5e-4)")
+    lrn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    lrn.add_argument("--out", required=True, help="where to write the learned concept set (.safetensors)")
+    lrn.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    lrn.set_defaults(handler=run_learn)
+
+    cmp_ = commands.add_parser("compose", help="generate an image from a prompt with [name.role] placeholders",
+                               description="Prompts may use [name.role] (e.g. [bust.material]) and [name].")
+    cmp_.add_argument("concepts", help="learned concept-set file")
+    cmp_.add_argument("prompt", help='e.g. "a cup made of [bust.material]"')
+    _model_arguments(cmp_)
+    cmp_.add_argument("--negative", default="", help="negative prompt (default empty)")
+    cmp_.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    cmp_.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    cmp_.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    cmp_.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
+    cmp_.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
+    cmp_.add_argument("--out", required=True, help="output PNG path")
+    cmp_.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cmp_.set_defaults(handler=run_compose)
+
+    exp = commands.add_parser("export", help="write one ComfyUI embedding file per learned token",
+                              description="Writes <prefix>_<concept>_<role>.safetensors files, usable as "
+                              "embedding:<prefix>_<concept>_<role> in ComfyUI's CLIPTextEncode.")
+    exp.add_argument("concepts", help="learned concept-set file")
+    exp.add_argument("--embeddings-dir", required=True, help="folder to write to, e.g. ComfyUI/models/embeddings")
+    exp.add_argument("--prefix", default=None, help="file-name prefix (default: the concept-set file's name)")
+    exp.add_argument("--overwrite", action="store_true", help="replace existing embedding files")
+    exp.set_defaults(handler=run_export)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="Stable Diffusion 1.x/2.x: a diffusers folder or a single-file .safetensors checkpoint")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+# ---------------------------------------------------------------------- commands
+def run_localize(args) -> int:
+    from .imaging import mask_to_pil, overlay_masks, tensor_to_pil
+    from .localize import localize
+    from .retrieve import ClipRetriever
+
+    image = load_image(args.image)
+    bundle = load_bundle(args.model, args.device)
+    retriever = ClipRetriever.from_pretrained(
+        args.clip_arch, args.clip_weights, vocabulary=args.vocabulary, device=bundle.device, cache_dir=args.cache_dir
+    )
+    _plan_outputs(args.out, ["concepts.safetensors", "overlay.png"], args.overwrite)
+
+    def report(step, total, _preview):
+        log.info("localize: iteration %d of at most %d", step, total)
+
+    concepts = localize(bundle, retriever, image, stop_fraction=args.stop_fraction, max_concepts=args.max_concepts,
+                        seed=args.seed, callback=report)
+    mask_names = [f"mask_{concept.name}.png" for concept in concepts.concepts]
+    outputs = _plan_outputs(args.out, ["concepts.safetensors", "overlay.png", *mask_names], args.overwrite)
+    for concept, name in zip(concepts.concepts, mask_names):
+        _save_png(mask_to_pil(concept.mask), outputs[name], args.overwrite)
+    overlay = overlay_masks(image, concepts.masks()) if len(concepts) else image
+    _save_png(label_image(tensor_to_pil(overlay), concepts), outputs["overlay.png"], args.overwrite)
+    concepts.save(outputs["concepts.safetensors"], overwrite=args.overwrite)
+    found = ", ".join(f"{c.name} ({c.score:.2f})" for c in concepts.concepts) or "nothing"
+    sys.stdout.write(f"found: {found}\nwrote: {outputs['concepts.safetensors']}\n")
+    return 0
+
+
+def run_learn(args) -> int:
+    from .concepts import ConceptSet
+    from .learn import learn_intrinsic_tokens, learn_object_tokens
+
+    concepts = ConceptSet.load(args.concepts)
+    image = load_image(args.image)
+    bundle = load_bundle(args.model, args.device)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; choose another --out or pass --overwrite.")
+    if args.intrinsic_steps < 0:
+        raise ValueError("--intrinsic-steps must be 0 (skip phase two) or more.")
+
+    def report(phase):
+        def callback(step, total, _preview):
+            if step == total or step % max(1, total // 10) == 0:
+                log.info("%s: step %d of %d", phase, step, total)
+        return callback
+
+    learned = learn_object_tokens(bundle, image, concepts, steps=args.object_steps, lr=args.lr, seed=args.seed,
+                                  callback=report("object tokens"))
+    if args.intrinsic_steps:
+        learned = learn_intrinsic_tokens(bundle, image, learned, anchors=args.anchors, steps=args.intrinsic_steps,
+                                         lr=args.lr, seed=args.seed, callback=report("intrinsic tokens"))
+    learned.save(args.out, overwrite=args.overwrite)
+    roles = ", ".join(f"{c.name}: {'/'.join(c.roles)}" for c in learned.concepts)
+    sys.stdout.write(f"learned: {roles}\nwrote: {args.out}\n")
+    return 0
+
+
+def run_compose(args) -> int:
+    from .compose import compose, generate
+    from .concepts import ConceptSet
+    from .imaging import tensor_to_pil
+
+    concepts = ConceptSet.load(args.concepts)
+    bundle = load_bundle(args.model, args.device)
+    concepts.check_text_encoder(bundle.text_encoder)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; choose another --out or pass --overwrite.")
+    condition = compose(bundle, concepts, args.prompt, negative=args.negative)
+    images = generate(bundle, condition, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                      height=args.height, width=args.width)
+    _save_png(tensor_to_pil(images[0]), args.out, args.overwrite)
+    sys.stdout.write(f"prompt: {condition.text}\nwrote: {args.out}\n")
+    return 0
+
+
+def run_export(args) -> int:
+    from .concepts import ConceptSet
+
+    concepts = ConceptSet.load(args.concepts)
+    prefix = args.prefix or os.path.splitext(os.path.basename(args.concepts))[0]
+    written = concepts.export_embeddings(args.embeddings_dir, prefix, overwrite=args.overwrite)
+    names = " ".join("embedding:" + os.path.splitext(os.path.basename(p))[0] for p in written)
+    sys.stdout.write(f"wrote {len(written)} embeddings: {names}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- helpers
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+    return device
+
+
+def load_bundle(path: str, device_name: str = "auto"):
+    from .bundle import DiffusionBundle
+
+    device = resolve_device(device_name)
+    if os.path.isdir(path):
+        return DiffusionBundle.from_pretrained(path, device=device)
+    return DiffusionBundle.from_single_file(path, device=device)
+
+
+def load_image(path: str):
+    from PIL import Image
+
+    from .imaging import to_image_tensor
+
+    if not os.path.isfile(path):
+        raise ValueError(f"Image {path!r} does not exist.")
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return to_image_tensor(handle)
+    except OSError as error:
+        raise ValueError(f"{path!r} is not an image Pillow can read ({error}).") from None
+
+
+def label_image(picture, concepts):
+    """Write each concept's name at its mask's centre of mass."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(picture)
+    for concept in concepts.concepts:
+        ys, xs = concept.mask.nonzero(as_tuple=True)
+        if len(xs) == 0:
+            continue
+        x, y = float(xs.float().mean()), float(ys.float().mean())
+        draw.text((x, y), concept.name, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0), anchor="mm")
+    return picture
+
+
+def _plan_outputs(folder: str, names: Sequence[str], overwrite: bool) -> dict[str, str]:
+    paths = {name: os.path.join(folder, name) for name in names}
+    if not overwrite:
+        for path in paths.values():
+            if os.path.exists(path):
+                raise ValueError(f"{path} already exists; choose another --out or pass --overwrite.")
+    os.makedirs(folder, exist_ok=True)
+    return paths
+
+
+def _save_png(picture, path: str, overwrite: bool) -> str:
+    import io
+
+    from .concepts import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return write_bytes_atomic(path, buffer.getvalue(), overwrite=overwrite)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Concept sets: what ICE found in one image (words, masks) and what it learned (token vectors, LoRA).
+
+One concept set is one ``.safetensors`` file: masks, vectors and LoRA tensors as tensors; words, anchors,
+settings, the base text encoder's fingerprint and the format version as JSON metadata. Files are written
+atomically and never overwrite an existing file unless asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+FORMAT_NAME = "ice-concept-set"
+FORMAT_VERSION = 1
+METADATA_KEY = "ice"
+OBJECT_ROLE = "object"
+INSTANCE_ROLE = "instance"
+BASE_ROLES = (OBJECT_ROLE, INSTANCE_ROLE)
+# ComfyUI's `embedding:` loader picks the tensor stored under the text encoder's key (comfy/sd1_clip.py):
+EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
+GENERIC_EMBEDDING_KEY = "emb_params"
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+@dataclass
+class Concept:
+    """One object of the image: ``name`` (unique in the set, used in prompts), its ``word``, retrieval
+    ``score``, ``mask`` [H, W] in 0..1 at image size and learned ``vectors`` by role."""
+
+    name: str
+    word: str
+    score: float
+    mask: torch.Tensor
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.vectors)
+
+
+@dataclass
+class ConceptSet:
+    concepts: list[Concept]
+    image_size: tuple[int, int]
+    anchors: tuple[str, ...] = ()
+    fingerprint: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+    def get(self, name: str) -> Concept:
+        for concept in self.concepts:
+            if concept.name == name:
+                return concept
+        raise ValueError(f"No concept named {name!r}; this set has: {', '.join(self.names) or '(none)'}.")
+
+    def masks(self) -> torch.Tensor:
+        """All masks as ``[K, H, W]`` (``[0, H, W]`` for an empty set)."""
+        height, width = self.image_size
+        if not self.concepts:
+            return torch.zeros(0, height, width)
+        return torch.stack([c.mask.float().cpu() for c in self.concepts])
+
+    def replace(self, **changes) -> "ConceptSet":
+        """A shallow copy with some fields replaced (concept objects are copied too)."""
+        concepts = changes.pop(
+            "concepts",
+            [Concept(c.name, c.word, c.score, c.mask, dict(c.vectors)) for c in self.concepts],
+        )
+        values = dict(
+            concepts=concepts,
+            image_size=self.image_size,
+            anchors=self.anchors,
+            fingerprint=self.fingerprint,
+            settings=dict(self.settings),
+            lora=self.lora,
+        )
+        values.update(changes)
+        return ConceptSet(**values)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, image_size: tuple[int, int] | None = None) -> None:
+        """Raise ``ValueError`` if this set cannot be learned from (no concepts, bad masks, duplicate names)."""
+        if not self.concepts:
+            raise ValueError(
+                "The concept set is empty; run localization (IterativeLocalize / ice_ops.localize) on an image first."
+            )
+        expected = tuple(image_size) if image_size is not None else tuple(self.image_size)
+        seen = set()
+        for concept in self.concepts:
+            if concept.name in seen:
+                raise ValueError(f"Two concepts are named {concept.name!r}; names must be unique in a set.")
+            seen.add(concept.name)
+            if tuple(concept.mask.shape) != expected:
+                raise ValueError(
+                    f"The mask of {concept.name!r} is {tuple(concept.mask.shape)} but the image is {expected}; "
+                    "use masks made for this image (run localization on the same image)."
+                )
+            if float(concept.mask.max()) <= 0:
+                raise ValueError(f"The mask of {concept.name!r} is empty; remove that concept or redraw its mask.")
+
+    def check_text_encoder(self, text_encoder) -> None:
+        """``ValueError`` if vectors were learned on a different text encoder than ``text_encoder``."""
+        if self.fingerprint is None:
+            return
+        current = text_encoder_fingerprint(text_encoder)
+        if current != self.fingerprint:
+            raise ValueError(
+                "These concepts were learned on a different model: "
+                f"{describe_fingerprint(self.fingerprint)}; the loaded model has {describe_fingerprint(current)}. "
+                "Load the checkpoint the concepts were learned with."
+            )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str, *, overwrite: bool = False) -> str:
+        tensors: dict[str, torch.Tensor] = {}
+        entries = []
+        for index, concept in enumerate(self.concepts):
+            tensors[f"mask.{index}"] = concept.mask.detach().float().cpu().contiguous()
+            for role, vector in concept.vectors.items():
+                tensors[f"vector.{index}.{role}"] = vector.detach().float().cpu().reshape(-1).contiguous()
+            entries.append(
+                {"name": concept.name, "word": concept.word, "score": float(concept.score), "roles": concept.roles}
+            )
+        for key, value in (self.lora or {}).items():
+            tensors[f"lora.{key}"] = value.detach().cpu().contiguous()
+        metadata = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "image_size": list(self.image_size),
+            "anchors": list(self.anchors),
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "concepts": entries,
+            "has_lora": self.lora is not None,
+        }
+        from safetensors.torch import save
+
+        payload = save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
+        return write_bytes_atomic(path, payload, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str) -> "ConceptSet":
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise ValueError(f"Concept-set file {path!r} does not exist.")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                raw = (handle.metadata() or {}).get(METADATA_KEY)
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # safetensors raises its own error types for foreign files
+            raise ValueError(f"{path!r} is not a concept-set file (not readable as safetensors: {error}).") from None
+        if raw is None:
+            raise ValueError(
+                f"{path!r} is a safetensors file but not an ICE concept set; choose a file saved by SaveConcepts "
+                "or ConceptSet.save."
+            )
+        metadata = json.loads(raw)
+        if metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path!r} is not an ICE concept set (format {metadata.get('format')!r}).")
+        if int(metadata.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path!r} was written by a newer ComfyUI-ICE (format {metadata['version']}); update the pack."
+            )
+        concepts = []
+        for index, entry in enumerate(metadata["concepts"]):
+            vectors = {role: tensors[f"vector.{index}.{role}"] for role in entry["roles"]}
+            concepts.append(Concept(entry["name"], entry["word"], entry["score"], tensors[f"mask.{index}"], vectors))
+        lora = None
+        if metadata.get("has_lora"):
+            lora = {key[len("lora.") :]: value for key, value in tensors.items() if key.startswith("lora.")}
+        return cls(
+            concepts=concepts,
+            image_size=tuple(metadata["image_size"]),
+            anchors=tuple(metadata.get("anchors", ())),
+            fingerprint=metadata.get("fingerprint"),
+            settings=metadata.get("settings", {}),
+            lora=lora,
+        )
+
+    def export_embeddings(self, folder: str, prefix: str, *, overwrite: bool = False) -> list[str]:
+        """One ComfyUI embedding file per learned token, ``<prefix>_<concept>_<role>.safetensors``.
+
+        Use them in a stock CLIPTextEncode as ``embedding:<prefix>_<concept>_<role>``.
+        """
+        from safetensors.torch import save
+
+        prefix = sanitize_name(prefix, what="prefix")
+        family = (self.fingerprint or {}).get("family", "")
+        key = EMBEDDING_KEYS.get(family, GENERIC_EMBEDDING_KEY)
+        planned = []
+        for concept in self.concepts:
+            for role, vector in concept.vectors.items():
+                stem = f"{prefix}_{sanitize_name(concept.name, what='concept name')}_{sanitize_name(role, what='role')}"
+                planned.append((os.path.join(folder, stem + ".safetensors"), vector))
+        if not planned:
+            raise ValueError("No learned vectors to export; run LearnObjectTokens / learn_object_tokens first.")
+        if not overwrite:
+            existing = [path for path, _ in planned if os.path.exists(path)]
+            if existing:
+                raise ValueError(
+                    f"{os.path.basename(existing[0])} already exists in {folder}; choose another prefix or allow overwrite."
+                )
+        os.makedirs(folder, exist_ok=True)
+        written = []
+        for path, vector in planned:
+            payload = save({key: vector.detach().float().cpu().reshape(1, -1).contiguous()})
+            written.append(write_bytes_atomic(path, payload, overwrite=overwrite))
+        return written
+
+    def export_lora(self, path: str, *, overwrite: bool = False) -> str:
+        """Write the refinement LoRA (kohya key layout, which ComfyUI's LoraLoader reads)."""
+        if not self.lora:
+            raise ValueError("This concept set has no LoRA; learn intrinsic tokens with refine_steps > 0 first.")
+        from safetensors.torch import save
+
+        tensors = {key: value.detach().cpu().contiguous() for key, value in self.lora.items()}
+        return write_bytes_atomic(path, save(tensors), overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------- helpers
+def unique_name(word: str, taken: Iterable[str]) -> str:
+    """``word``, or ``word_2``, ``word_3``... if already taken."""
+    taken = set(taken)
+    base = sanitize_name(word, what="concept word")
+    if base not in taken:
+        return base
+    suffix = 2
+    while f"{base}_{suffix}" in taken:
+        suffix += 1
+    return f"{base}_{suffix}"
+
+
+def sanitize_name(name: str, *, what: str = "name") -> str:
+    """Letters, digits, ``_`` and ``-`` only; ``ValueError`` for an empty name or one with path parts."""
+    text = str(name).strip()
+    if not text:
+        raise ValueError(f"The {what} is empty; type a short name such as 'my_photo'.")
+    if "/" in text or "\\" in text or ".." in text:
+        raise ValueError(f"The {what} {text!r} contains a path separator or '..'; use a plain name like 'my_photo'.")
+    cleaned = _UNSAFE_NAME.sub("_", text).strip("_")
+    if not cleaned:
+        raise ValueError(f"The {what} {text!r} has no letters or digits; use a plain name like 'my_photo'.")
+    return cleaned
+
+
+def write_bytes_atomic(path: str, payload: bytes, *, overwrite: bool = False) -> str:
+    """Write ``payload`` to ``path`` through a temporary file + rename; refuse to replace a file unless asked."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; choose another name or allow overwriting.")
+    handle, temporary = tempfile.mkstemp(prefix=".ice_tmp_", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if not overwrite and os.path.exists(path):
+            raise ValueError(f"{path} already exists; choose another name or allow overwriting.")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
+def text_encoder_fingerprint(text_encoder) -> dict[str, Any]:
+    """Width, vocabulary size, family and a hash of the token-embedding matrix (rounded to fp16 first, so
+    fp16 and fp32 copies of one model agree)."""
+    from .bundle import FAMILY_BY_TEXT_WIDTH
+
+    weight = text_encoder.get_input_embeddings().weight.detach()
+    digest = hashlib.sha256(weight.to(torch.float16).cpu().contiguous().numpy().tobytes()).hexdigest()
+    width = int(weight.shape[1])
+    return {
+        "width": width,
+        "vocab_size": int(weight.shape[0]),
+        "family": FAMILY_BY_TEXT_WIDTH.get(width, "custom"),
+        "embedding_sha256": digest[:16],
+    }
+
+
+def describe_fingerprint(fingerprint: dict[str, Any]) -> str:
+    names = {"sd1": "an SD 1.x model", "sd2": "an SD 2.x model"}
+    family = names.get(fingerprint.get("family"), "a custom model")
+    return (
+        f"{family} ({fingerprint.get('width')}-d text encoder, {fingerprint.get('vocab_size')} tokens, "
+        f"embedding hash {fingerprint.get('embedding_sha256')})"
+    )
+

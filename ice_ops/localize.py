@@ -1,0 +1,218 @@
+"""Stage One: automatic concept localization (training-free).
+
+Loop: *retrieve* the word that best describes what is still unexplained in the image, *segment* it with
+one UNet pass (DiffSeg on self-attention, labelled by cross-attention of ``"<word> things background"``),
+remove what was explained, and repeat until less than ``stop_fraction`` of the real image is left or
+``max_concepts`` concepts were found.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .attention import capture_attention
+from .concepts import Concept, ConceptSet, unique_name
+from .imaging import overlay_masks, resize_image, resize_mask, to_image_tensor, working_size
+from .segment import aggregate_cross_attention, diffseg, label_segments, split_instances
+from .text import word_token_positions
+
+# Constants of the method (ice_spec §1): paper's tau, the reference's DiffSeg settings and instance size.
+DEFAULT_STOP_FRACTION = 0.05
+DEFAULT_MAX_CONCEPTS = 6
+SEGMENT_TIMESTEP_FRACTION = 0.15  # t = 150 of 1000 training steps, on the clean latent
+DEFAULT_KL_THRESHOLDS = (1.1, 1.1, 1.1)
+MIN_INSTANCE_FRACTION = 0.025
+PROMPT_FILLERS = ("things", "background")  # the segmentation prompt is "<word> things background"
+BACKGROUND_INDEX = 2  # index of "background" in (word, "things", "background")
+
+Callback = Callable[[int, int, "torch.Tensor | None"], None]
+
+
+@dataclass
+class SegmentResult:
+    """Masks at input size: the word's union ``mask``, its ``instances`` above the minimum area, and
+    ``removed`` (the word's and the background's segments, which the loop treats as explained)."""
+
+    word: str
+    mask: torch.Tensor
+    instances: list[torch.Tensor]
+    removed: torch.Tensor
+    labels: torch.Tensor
+    segment_words: dict[int, str] = field(default_factory=dict)
+
+
+def segmentation_words(word: str) -> list[str]:
+    cleaned = word.strip()
+    if not cleaned or len(cleaned.split()) != 1:
+        raise ValueError(f"The word to segment must be one word such as 'vase', got {word!r}.")
+    return [cleaned, *PROMPT_FILLERS]
+
+
+def segment_word(
+    bundle,
+    image,
+    word: str,
+    *,
+    ignore: torch.Tensor | None = None,
+    timestep: int | None = None,
+    kl_thresholds: Sequence[float] = DEFAULT_KL_THRESHOLDS,
+    refine: bool = True,
+    min_instance_fraction: float = MIN_INSTANCE_FRACTION,
+) -> SegmentResult:
+    """Segment ``word`` in ``image`` with one UNet pass. ``ignore`` ([H, W], 1 = already explained) is
+    blanked before encoding and never part of the result."""
+    image = to_image_tensor(image).cpu()
+    height, width = image.shape[-2:]
+    ignore = _check_mask(ignore, (height, width), "ignore")
+    words = segmentation_words(word)
+    size = working_size(height, width, bundle.native_resolution, bundle.size_multiple)
+    working = resize_image(image, size)
+    if ignore is not None:
+        working = working * (1 - resize_mask(ignore, size))[None]
+
+    positions = word_token_positions(bundle.tokenizer, words)
+    columns = [position for group in positions for position in group]
+    column_groups = _column_groups(positions)
+    step = timestep if timestep is not None else int(round(SEGMENT_TIMESTEP_FRACTION * bundle.num_train_timesteps))
+
+    with torch.no_grad():
+        latent = bundle.encode_image(working, size)
+        context = bundle.text_encoder(bundle.tokenize([" ".join(words)]))[0]
+        with capture_attention(bundle.unet, record_self=True, cross_positions=columns) as store:
+            bundle.unet(latent, torch.tensor([step], device=bundle.device), encoder_hidden_states=context)
+        self_maps = {grid: maps[0].float().cpu() for grid, maps in store.self_maps.items()}
+        cross_maps = {grid: maps[0].float().cpu() for grid, maps in store.cross_maps.items()}
+
+    labels = diffseg(self_maps, size, kl_thresholds=tuple(kl_thresholds), refine=refine)
+    cross = aggregate_cross_attention(cross_maps, size)
+    segment_to_word = label_segments(labels, cross, column_groups)
+
+    word_mask = _union(labels, [s for s, w in segment_to_word.items() if w == 0])
+    removed = _union(labels, [s for s, w in segment_to_word.items() if w in (0, BACKGROUND_INDEX)])
+    labels_full = torch.nn.functional.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")
+    word_mask, removed = resize_mask(word_mask, (height, width)), resize_mask(removed, (height, width))
+    if ignore is not None:
+        keep = 1 - ignore
+        word_mask, removed = word_mask * keep, removed * keep
+    instances = split_instances(word_mask > 0.5, min_fraction=min_instance_fraction)
+    return SegmentResult(
+        word=words[0],
+        mask=word_mask,
+        instances=instances,
+        removed=removed,
+        labels=labels_full[0, 0].long(),
+        segment_words={int(s): words[w] for s, w in segment_to_word.items()},
+    )
+
+
+def localize(
+    bundle,
+    retriever,
+    image,
+    stop_fraction: float = DEFAULT_STOP_FRACTION,
+    max_concepts: int = DEFAULT_MAX_CONCEPTS,
+    seed: int = 0,
+    callback: Callback | None = None,
+    *,
+    kl_thresholds: Sequence[float] = DEFAULT_KL_THRESHOLDS,
+    min_instance_fraction: float = MIN_INSTANCE_FRACTION,
+    synonym_threshold: float = 0.85,
+) -> ConceptSet:
+    """Find the objects in ``image``; returns a ConceptSet of words, scores and disjoint masks at input size.
+
+    At most ``max_concepts`` retrieval iterations run, and at most ``max_concepts`` concepts are kept.
+    Everything is deterministic (no sampling happens); ``seed`` seeds torch's RNG inside a forked RNG
+    state for any stochastic component a custom model may have, and is recorded in the settings.
+    """
+    if not 0.0 <= stop_fraction < 1.0:
+        raise ValueError(f"stop_fraction must be in [0, 1), got {stop_fraction}; the paper uses 0.05.")
+    if max_concepts < 1:
+        raise ValueError(f"max_concepts must be at least 1, got {max_concepts}.")
+    image = to_image_tensor(image).cpu()
+    if float(image.max()) <= 0:
+        raise ValueError("The image is entirely black; there is nothing to localize. Load a photo with visible objects.")
+    height, width = image.shape[-2:]
+    working_size(height, width, bundle.native_resolution, bundle.size_multiple)  # validates the size early
+
+    explained = torch.zeros(height, width)
+    concepts: list[Concept] = []
+    found_words: list[str] = []
+    devices = [torch.device("cpu")] if bundle.device.type == "cpu" else [bundle.device]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for iteration in range(max_concepts):
+            if unexplained_fraction(explained) < stop_fraction or len(concepts) >= max_concepts:
+                break
+            ranked = retriever.rank(
+                image, explained=explained, exclude=found_words, top_k=1, synonym_threshold=synonym_threshold
+            )
+            word, score = ranked[0]
+            found_words.append(word)
+            result = segment_word(
+                bundle,
+                image,
+                word,
+                ignore=explained,
+                kl_thresholds=kl_thresholds,
+                min_instance_fraction=min_instance_fraction,
+            )
+            for instance in result.instances[: max_concepts - len(concepts)]:
+                name = unique_name(word, (c.name for c in concepts))
+                concepts.append(Concept(name=name, word=word, score=float(score), mask=instance))
+            explained = torch.maximum(explained, result.removed)
+            if callback is not None:
+                callback(iteration + 1, max_concepts, localization_preview(image, concepts))
+
+    return ConceptSet(
+        concepts=concepts,
+        image_size=(int(height), int(width)),
+        settings={
+            "stop_fraction": stop_fraction,
+            "max_concepts": max_concepts,
+            "seed": seed,
+            "kl_thresholds": list(kl_thresholds),
+            "min_instance_fraction": min_instance_fraction,
+            "retrieved_words": found_words,
+            "unexplained_fraction": unexplained_fraction(explained),
+        },
+    )
+
+
+def unexplained_fraction(explained: torch.Tensor) -> float:
+    return float(1.0 - explained.float().mean())
+
+
+def localization_preview(image: torch.Tensor, concepts: Sequence[Concept]) -> torch.Tensor:
+    if not concepts:
+        return image.clone()
+    return overlay_masks(image, torch.stack([c.mask for c in concepts]))
+
+
+def _column_groups(positions: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Map each word's token positions to the columns of the captured cross-attention."""
+    groups, cursor = [], 0
+    for group in positions:
+        groups.append(list(range(cursor, cursor + len(group))))
+        cursor += len(group)
+    return groups
+
+
+def _union(labels: torch.Tensor, segment_ids: Sequence[int]) -> torch.Tensor:
+    if not segment_ids:
+        return torch.zeros(labels.shape, dtype=torch.float32)
+    return torch.isin(labels, torch.tensor(list(segment_ids), dtype=labels.dtype)).float()
+
+
+def _check_mask(mask: torch.Tensor | None, size: tuple[int, int], what: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = mask.detach().float().cpu()
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if tuple(mask.shape) != tuple(size):
+        raise ValueError(
+            f"The {what} mask is {tuple(mask.shape)} but the image is {tuple(size)}; give a mask of the image's size."
+        )
+    return mask
