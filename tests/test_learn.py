@@ -1,0 +1,189 @@
+"""Stage Two on the tiny random model: what a user relies on when learning tokens."""
+import pytest
+import torch
+
+from ice_ops import learn as learn_module
+from ice_ops.concepts import Concept, ConceptSet
+from ice_ops.learn import TrainingDiverged, learn_intrinsic_tokens, learn_object_tokens, normalise_anchors
+
+SIZE = 64
+
+
+def _scene():
+    generator = torch.Generator().manual_seed(0)
+    image = 0.4 + 0.1 * torch.rand(3, SIZE, SIZE, generator=generator)
+    ball = torch.zeros(SIZE, SIZE)
+    ball[8:30, 6:28] = 1
+    box = torch.zeros(SIZE, SIZE)
+    box[36:60, 30:60] = 1
+    image[:, ball > 0] = torch.tensor([0.9, 0.1, 0.1])[:, None]
+    image[:, box > 0] = torch.tensor([0.1, 0.2, 0.9])[:, None]
+    concepts = ConceptSet([Concept("ball", "ball", 0.9, ball), Concept("box", "box", 0.5, box)], (SIZE, SIZE))
+    return image, concepts
+
+
+def _snapshot(bundle):
+    return {
+        "unet": {k: v.clone() for k, v in bundle.unet.state_dict().items()},
+        "text": {k: v.clone() for k, v in bundle.text_encoder.state_dict().items()},
+        "vae": {k: v.clone() for k, v in bundle.vae.state_dict().items()},
+        "vocab": len(bundle.tokenizer),
+    }
+
+
+def _assert_same(before, after):
+    assert before["vocab"] == after["vocab"]
+    for part in ("unet", "text", "vae"):
+        assert before[part].keys() == after[part].keys()
+        for key in before[part]:
+            assert torch.equal(before[part][key], after[part][key]), f"{part}.{key} changed"
+
+
+@pytest.fixture(scope="module")
+def learned_objects(tiny_bundle):
+    image, concepts = _scene()
+    log = []
+    result = learn_object_tokens(tiny_bundle, image, concepts, steps=12, lr=5e-3, seed=1,
+                                 monitor=lambda step, values: log.append(values))
+    return image, concepts, result, log
+
+
+def test_phase_one_learns_object_and_instance_tokens(learned_objects, tiny_bundle):
+    _, concepts, result, log = learned_objects
+    assert result.names == ["ball", "box"]
+    for concept in result.concepts:
+        assert set(concept.vectors) == {"object", "instance"}
+        assert concept.vectors["object"].shape == (tiny_bundle.text_width,)
+        assert torch.isfinite(concept.vectors["object"]).all()
+    assert len(log) == 12
+    # the input set is left as it was
+    assert all(not c.vectors for c in concepts.concepts)
+    assert result.fingerprint["width"] == tiny_bundle.text_width
+
+
+def test_object_and_instance_start_from_the_word_and_move_apart(learned_objects, tiny_bundle):
+    from ice_ops.tokens import PlaceholderText
+
+    _, _, result, _ = learned_objects
+    word = PlaceholderText(tiny_bundle.tokenizer, tiny_bundle.text_encoder).word_init("ball")
+    ball = result.get("ball")
+    assert not torch.equal(ball.vectors["object"], ball.vectors["instance"])
+    assert float((ball.vectors["object"] - word).norm()) < 1.0
+
+
+def test_loss_falls_over_a_short_run(tiny_bundle):
+    image, concepts = _scene()
+    log = []
+    learn_object_tokens(tiny_bundle, image, concepts, steps=30, lr=2e-2, seed=0,
+                        monitor=lambda step, values: log.append(values["loss"]))
+    first, last = sum(log[:10]) / 10, sum(log[-10:]) / 10
+    assert last < first
+
+
+def test_only_placeholder_vectors_change_and_the_callers_model_is_untouched(fresh_tiny_bundle):
+    image, concepts = _scene()
+    before = _snapshot(fresh_tiny_bundle)
+    learned = learn_object_tokens(fresh_tiny_bundle, image, concepts, steps=3, lr=1e-2)
+    learn_intrinsic_tokens(fresh_tiny_bundle, image, learned, steps=3)
+    _assert_same(before, _snapshot(fresh_tiny_bundle))
+
+
+def test_same_seed_same_vectors_other_seed_other_vectors(tiny_bundle):
+    image, concepts = _scene()
+    a = learn_object_tokens(tiny_bundle, image, concepts, steps=3, seed=5)
+    b = learn_object_tokens(tiny_bundle, image, concepts, steps=3, seed=5)
+    c = learn_object_tokens(tiny_bundle, image, concepts, steps=3, seed=6)
+    for x, y, z in zip(a.concepts, b.concepts, c.concepts):
+        assert torch.equal(x.vectors["object"], y.vectors["object"])
+    assert any(not torch.equal(x.vectors["instance"], z.vectors["instance"]) for x, z in zip(a.concepts, c.concepts))
+
+
+def test_phase_two_starts_intrinsics_from_the_instance_token_and_freezes_the_rest(learned_objects, tiny_bundle):
+    image, _, objects, _ = learned_objects
+    zero_lr = learn_intrinsic_tokens(tiny_bundle, image, objects, anchors=("material", "colour"), steps=1, lr=1e-12)
+    for concept, source in zip(zero_lr.concepts, objects.concepts):
+        assert set(concept.vectors) == {"object", "instance", "material", "colour"}
+        assert torch.allclose(concept.vectors["material"], source.vectors["instance"], atol=1e-6)
+    learned = learn_intrinsic_tokens(tiny_bundle, image, objects, anchors="material, colour, texture", steps=4)
+    assert learned.anchors == ("material", "colour", "texture")
+    for concept, source in zip(learned.concepts, objects.concepts):
+        assert torch.equal(concept.vectors["object"], source.vectors["object"])
+        assert torch.equal(concept.vectors["instance"], source.vectors["instance"])
+        assert not torch.equal(concept.vectors["material"], source.vectors["instance"])
+
+
+def test_raising_from_the_callback_stops_cleanly(tiny_bundle):
+    image, concepts = _scene()
+
+    class Cancelled(Exception):
+        pass
+
+    seen = []
+
+    def callback(step, total, preview):
+        seen.append((step, total))
+        if step == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        learn_object_tokens(tiny_bundle, image, concepts, steps=50, callback=callback)
+    assert seen == [(1, 50), (2, 50)]
+    assert all(not c.vectors for c in concepts.concepts)
+
+
+def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_vectors(tiny_bundle, monkeypatch):
+    image, concepts = _scene()
+    calls = {"n": 0}
+    real = learn_module.losses.masked_diffusion_loss
+
+    def flaky(prediction, target, mask):
+        calls["n"] += 1
+        value = real(prediction, target, mask)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(learn_module.losses, "masked_diffusion_loss", flaky)
+    with pytest.raises(TrainingDiverged, match="step 3") as caught:
+        learn_object_tokens(tiny_bundle, image, concepts, steps=10, seed=2)
+    kept = caught.value.concepts
+    monkeypatch.setattr(learn_module.losses, "masked_diffusion_loss", real)
+    reference = learn_object_tokens(tiny_bundle, image, concepts, steps=2, seed=2)
+    for a, b in zip(kept.concepts, reference.concepts):
+        assert torch.equal(a.vectors["object"], b.vectors["object"])
+
+
+def test_concept_word_of_several_tokens(tiny_bundle):
+    image, concepts = _scene()
+    concepts.concepts[0].word = "saxophonist"  # several BPE pieces
+    learned = learn_object_tokens(tiny_bundle, image, concepts, steps=2)
+    assert torch.isfinite(learned.concepts[0].vectors["object"]).all()
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_steps_must_be_positive(tiny_bundle, steps):
+    image, concepts = _scene()
+    with pytest.raises(ValueError, match="positive"):
+        learn_object_tokens(tiny_bundle, image, concepts, steps=steps)
+
+
+def test_bad_concept_sets_are_refused(tiny_bundle):
+    image, concepts = _scene()
+    with pytest.raises(ValueError, match="empty"):
+        learn_object_tokens(tiny_bundle, image, ConceptSet([], (SIZE, SIZE)), steps=1)
+    concepts.concepts[1].mask = torch.zeros(SIZE, SIZE)
+    with pytest.raises(ValueError, match="empty"):
+        learn_object_tokens(tiny_bundle, image, concepts, steps=1)
+    _, concepts = _scene()
+    with pytest.raises(ValueError, match="image is"):
+        learn_object_tokens(tiny_bundle, torch.rand(3, 96, 96), concepts, steps=1)
+
+
+def test_intrinsic_learning_needs_phase_one_and_distinct_anchors(learned_objects, tiny_bundle):
+    image, concepts, objects, _ = learned_objects
+    with pytest.raises(ValueError, match="LearnObjectTokens"):
+        learn_intrinsic_tokens(tiny_bundle, image, concepts, steps=1)
+    with pytest.raises(ValueError, match="also the word"):
+        learn_intrinsic_tokens(tiny_bundle, image, objects, anchors=("ball", "colour"), steps=1)
+    with pytest.raises(ValueError, match="repeat"):
+        normalise_anchors("colour, colour")
+    with pytest.raises(ValueError, match="at least one"):
+        normalise_anchors(" , ")

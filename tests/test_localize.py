@@ -1,0 +1,126 @@
+"""Stage One: the localization loop on the tiny model, and its stopping and bookkeeping rules."""
+import os
+
+import pytest
+import torch
+
+from ice_ops import localize as localize_module
+from ice_ops.localize import SegmentResult, localize, segment_word
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def tiny_retriever():
+    from ice_ops.retrieve import ClipRetriever
+
+    words = ["ball", "box", "cup", "vase", "table", "wall", "floor", "lamp", "chair", "plant"]
+    return ClipRetriever.from_pretrained(os.path.join(FIXTURES, "tiny_open_clip.json"), None, vocabulary=words)
+
+
+def _image(height=64, width=64):
+    generator = torch.Generator().manual_seed(0)
+    image = 0.3 + 0.2 * torch.rand(3, height, width, generator=generator)
+    image[:, : height // 2, : width // 2] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]
+    image[:, height // 2 :, width // 2 :] = torch.tensor([0.1, 0.2, 0.9])[:, None, None]
+    return image
+
+
+def test_localize_terminates_with_disjoint_image_sized_masks(tiny_bundle, tiny_retriever):
+    previews = []
+    concepts = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=3,
+                        callback=lambda step, total, preview: previews.append((step, total, preview)))
+    assert len(concepts) <= 3
+    assert 1 <= len(previews) <= 3
+    assert all(total == 3 and preview.shape == (3, 64, 64) for _, total, preview in previews)
+    masks = concepts.masks()
+    assert masks.shape[1:] == (64, 64)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert float(masks.sum(0).max()) <= 1.0  # disjoint
+    assert len(set(concepts.names)) == len(concepts)
+
+
+def test_localize_is_deterministic(tiny_bundle, tiny_retriever):
+    a = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, seed=3)
+    b = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, seed=3)
+    assert a.names == b.names
+    assert torch.equal(a.masks(), b.masks())
+
+
+def test_masks_come_back_at_the_input_size_for_odd_sizes(tiny_bundle, tiny_retriever):
+    concepts = localize(tiny_bundle, tiny_retriever, _image(70, 101), max_concepts=1)
+    assert concepts.image_size == (70, 101)
+    result = segment_word(tiny_bundle, _image(70, 101), "ball")
+    assert result.mask.shape == (70, 101) and result.removed.shape == (70, 101)
+
+
+def test_segment_word_accepts_multi_token_words(tiny_bundle):
+    result = segment_word(tiny_bundle, _image(), "saxophonist")
+    assert result.word == "saxophonist"
+    assert set(result.segment_words.values()) <= {"saxophonist", "things", "background"}
+
+
+def test_segment_word_never_returns_ignored_pixels(tiny_bundle):
+    ignore = torch.zeros(64, 64)
+    ignore[:, :40] = 1
+    result = segment_word(tiny_bundle, _image(), "ball", ignore=ignore)
+    assert float((result.removed * ignore).sum()) == 0
+    assert float((result.mask * ignore).sum()) == 0
+
+
+class _ScriptedRetriever:
+    def __init__(self, words):
+        self.words, self.calls = list(words), []
+
+    def rank(self, image, *, explained=None, exclude=(), top_k=5, synonym_threshold=0.85):
+        self.calls.append((list(exclude), float(explained.mean())))
+        return [(self.words[len(self.calls) - 1], 0.5)]
+
+
+def _scripted_segmenter(removals):
+    def fake(bundle, image, word, *, ignore=None, **kwargs):
+        removed = removals.pop(0)
+        instance_a = removed.clone()
+        instance_a[32:, :] = 0
+        instance_b = removed - instance_a
+        instances = [m for m in (instance_a, instance_b) if m.sum() > 0]
+        return SegmentResult(word, removed, instances, removed, torch.zeros(64, 64, dtype=torch.long))
+    return fake
+
+
+def test_loop_stops_below_the_stop_fraction_and_excludes_found_words(tiny_bundle, monkeypatch):
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1
+    rest = 1 - left
+    rest[:2, :] = 0  # 2/64 = 3 % stays unexplained: below the 5 % stop fraction
+    retriever = _ScriptedRetriever(["cup", "table", "wall"])
+    monkeypatch.setattr(localize_module, "segment_word", _scripted_segmenter([left, rest]))
+    concepts = localize(tiny_bundle, retriever, _image(), max_concepts=6)
+    assert [call[0] for call in retriever.calls] == [[], ["cup"]]
+    assert retriever.calls[1][1] == pytest.approx(0.5)
+    assert concepts.names == ["cup", "cup_2", "table", "table_2"]
+    assert concepts.settings["unexplained_fraction"] == pytest.approx(2 / 64)
+
+
+def test_loop_respects_max_concepts(tiny_bundle, monkeypatch):
+    thin = [torch.zeros(64, 64) for _ in range(6)]
+    for k, mask in enumerate(thin):
+        mask[k * 2 : k * 2 + 2, :] = 1
+    monkeypatch.setattr(localize_module, "segment_word", _scripted_segmenter(thin))
+    concepts = localize(tiny_bundle, _ScriptedRetriever(["a", "b", "c", "d", "e", "f"]), _image(), max_concepts=3)
+    assert len(concepts) == 3
+
+
+def test_user_errors(tiny_bundle, tiny_retriever):
+    with pytest.raises(ValueError, match="black"):
+        localize(tiny_bundle, tiny_retriever, torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="at least 64"):
+        localize(tiny_bundle, tiny_retriever, torch.rand(3, 40, 80))
+    with pytest.raises(ValueError, match="stop_fraction"):
+        localize(tiny_bundle, tiny_retriever, _image(), stop_fraction=1.5)
+    with pytest.raises(ValueError, match="max_concepts"):
+        localize(tiny_bundle, tiny_retriever, _image(), max_concepts=0)
+    with pytest.raises(ValueError, match="one word"):
+        segment_word(tiny_bundle, _image(), "two words")
+    with pytest.raises(ValueError, match="mask"):
+        segment_word(tiny_bundle, _image(), "ball", ignore=torch.zeros(10, 10))

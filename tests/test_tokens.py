@@ -1,0 +1,155 @@
+"""Placeholder tokens: copy-on-write over the base tokenizer/text encoder, exact encodings, EOS pooling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ice_ops.text import build_clip_tokenizer, word_pieces
+from ice_ops.tokens import PlaceholderText, placeholder_string
+
+SINGLE_PIECE_WORD = "cup"
+MULTI_PIECE_WORD = "teapotsaurus"
+
+
+@pytest.fixture
+def text(tiny_bundle):
+    return PlaceholderText(tiny_bundle.tokenizer, tiny_bundle.text_encoder)
+
+
+def test_placeholder_string_is_unambiguous_and_checked():
+    assert placeholder_string("bust", "material") == "<ice:bust:material>"
+    assert placeholder_string("bust_2", "object") != placeholder_string("bust", "object")
+    for name, role in (("", "object"), ("a:b", "object"), ("bust", "<x>"), ("bust", " ")):
+        with pytest.raises(ValueError):
+            placeholder_string(name, role)
+
+
+def test_add_returns_ids_above_the_vocabulary_and_validates(tiny_bundle, text):
+    vocab = tiny_bundle.text_encoder.get_input_embeddings().weight.shape[0]
+    first = text.add(placeholder_string("cup", "object"), text.word_init("cup"))
+    second = text.add(placeholder_string("cup", "instance"), text.word_init("cup"))
+    assert (first, second) == (vocab, vocab + 1)
+    assert text.names == ["<ice:cup:object>", "<ice:cup:instance>"]
+    with pytest.raises(ValueError, match="already added"):
+        text.add("<ice:cup:object>", text.word_init("cup"))
+    with pytest.raises(ValueError, match="not a placeholder string"):
+        text.add("cup", text.word_init("cup"))
+    with pytest.raises(ValueError, match="shape"):
+        text.add("<ice:cup:colour>", torch.zeros(7))
+    with pytest.raises(ValueError, match="Unknown placeholder.*<ice:cup:object>"):
+        text.vector("<ice:bowl:object>")
+
+
+def test_training_changes_only_placeholder_vectors(fresh_tiny_bundle):
+    bundle = fresh_tiny_bundle
+    encoder_before = {k: v.clone() for k, v in bundle.text_encoder.state_dict().items()}
+    vocab_before = len(bundle.tokenizer)
+    text = PlaceholderText(bundle.tokenizer, bundle.text_encoder)
+    trained, frozen = placeholder_string("cup", "object"), placeholder_string("cup", "instance")
+    text.add(trained, text.word_init("cup"))
+    text.add(frozen, text.word_init("cup"))
+    frozen_before = text.vector(frozen)
+    trained_before = text.vector(trained)
+    # Bundles are frozen on construction; make the base trainable too, to show the base is never stepped.
+    bundle.text_encoder.requires_grad_(True)
+    optimizer = torch.optim.AdamW(text.trainable([trained]), lr=1e-2, weight_decay=1e-2)
+    ids = text.tokenize([f"a photo of a {trained}{frozen} on a table"])
+    for _ in range(3):
+        hidden, pooled = text.encode(ids)
+        loss = hidden.square().mean() + pooled.square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for key, value in bundle.text_encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[key]), key
+    assert len(bundle.tokenizer) == vocab_before
+    assert bundle.text_encoder.get_input_embeddings().weight.shape[0] == encoder_before[
+        next(k for k in encoder_before if k.endswith("token_embedding.weight"))
+    ].shape[0]
+    assert torch.equal(text.vector(frozen), frozen_before)
+    assert not torch.equal(text.vector(trained), trained_before)
+    assert text.parameter(frozen).grad is None
+
+
+def test_plain_prompt_encodes_exactly_like_the_base_encoder(tiny_bundle, text):
+    text.add(placeholder_string("cup", "object"), text.word_init("cup"))
+    prompts = ["a photo of a cup on a wooden table", ""]
+    ids = text.tokenize(prompts)
+    assert torch.equal(ids, tiny_bundle.tokenize(prompts))
+    with torch.no_grad():
+        hidden, pooled = text.encode(ids)
+        base = tiny_bundle.text_encoder(ids)
+    assert torch.equal(hidden, base[0])
+    assert torch.equal(pooled, base[1])
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_tokenize_pads_like_the_base_tokenizer(tiny_bundle, pad):
+    tokenizer = build_clip_tokenizer(pad_token=pad)
+    text = PlaceholderText(tokenizer, tiny_bundle.text_encoder)
+    prompts = ["a red, shiny cup!", "word " * 100]  # the second is cut like the base tokenizer cuts it
+    expected = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(text.tokenize(prompts), expected)
+
+
+def test_tokenize_maps_placeholders_and_rejects_unknown_or_cut_ones(text):
+    name = placeholder_string("cup", "object")
+    token = text.add(name, text.word_init("cup"))
+    ids = text.tokenize([f"a {name} on a table"])[0].tolist()
+    pieces = word_pieces(text.tokenizer, "a")
+    assert ids[1 : 2 + len(pieces)] == pieces + [token]
+    with pytest.raises(ValueError, match="Unknown placeholder"):
+        text.tokenize(["a <ice:bowl:object>"])
+    with pytest.raises(ValueError, match="would be cut off"):
+        text.tokenize(["word " * 80 + name])
+
+
+def test_placeholder_with_a_words_embedding_encodes_like_the_word(text):
+    assert len(word_pieces(text.tokenizer, SINGLE_PIECE_WORD)) == 1
+    name = placeholder_string("thing", "object")
+    text.add(name, text.word_init(SINGLE_PIECE_WORD))
+    with torch.no_grad():
+        hidden_word, pooled_word = text.encode(text.tokenize([f"a photo of a {SINGLE_PIECE_WORD} on a table"]))
+        hidden_token, pooled_token = text.encode(text.tokenize([f"a photo of a {name} on a table"]))
+    assert torch.equal(hidden_word, hidden_token)
+    assert torch.equal(pooled_word, pooled_token)
+
+
+def test_pooled_output_is_read_at_the_first_end_of_text(text):
+    name = placeholder_string("thing", "object")
+    token = text.add(name, torch.randn(text.width))
+    ids = text.tokenize([f"a {name} cup", name])
+    with torch.no_grad():
+        hidden, pooled = text.encode(ids)
+    eos = text.tokenizer.eos_token_id
+    for row in range(ids.shape[0]):
+        first_eos = ids[row].tolist().index(eos)
+        assert torch.equal(pooled[row], hidden[row, first_eos])
+        placeholder_position = ids[row].tolist().index(token)
+        assert int(ids[row].argmax()) == placeholder_position  # where the legacy argmax pooling would read
+        assert not torch.allclose(pooled[row], hidden[row, placeholder_position])
+
+
+def test_multi_piece_word_init_is_the_mean_of_its_pieces(text):
+    pieces = word_pieces(text.tokenizer, MULTI_PIECE_WORD)
+    assert len(pieces) > 1
+    weight = text.text_encoder.get_input_embeddings().weight
+    assert torch.allclose(text.word_init(MULTI_PIECE_WORD), weight[pieces].mean(dim=0), atol=1e-7)
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        text.word_init("   ")
+
+
+def test_set_vector_keeps_the_parameter_and_gradients_reach_only_used_placeholders(text):
+    used, unused = placeholder_string("a", "object"), placeholder_string("b", "object")
+    text.add(used, torch.zeros(text.width))
+    text.add(unused, torch.zeros(text.width))
+    parameter = text.parameter(used)
+    text.set_vector(used, torch.ones(text.width))
+    assert text.parameter(used) is parameter and torch.equal(text.vector(used), torch.ones(text.width))
+    hidden, _ = text.encode(text.tokenize([f"a photo of {used}"]))
+    hidden.sum().backward()
+    assert text.parameter(used).grad is not None and text.parameter(used).grad.abs().sum() > 0
+    assert text.parameter(unused).grad is None
+    with pytest.raises(ValueError, match="NaN"):
+        text.set_vector(used, torch.full((text.width,), float("nan")))
