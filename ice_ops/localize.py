@@ -122,7 +122,8 @@ def localize(
 ) -> ConceptSet:
     """Find the objects in ``image``; returns a ConceptSet of words, scores and disjoint masks at input size.
 
-    At most ``max_concepts`` retrieval iterations run, and at most ``max_concepts`` concepts are kept.
+    At most ``max_concepts`` retrieval iterations run, and at most ``max_concepts`` concepts are kept; the
+    loop also ends when every vocabulary word is a found word or a near-synonym of one.
     Everything is deterministic (no sampling happens); ``seed`` seeds torch's RNG inside a forked RNG
     state for any stochastic component a custom model may have, and is recorded in the settings.
     """
@@ -139,12 +140,14 @@ def localize(
     explained = torch.zeros(height, width)
     concepts: list[Concept] = []
     found_words: list[str] = []
-    devices = [torch.device("cpu")] if bundle.device.type == "cpu" else [bundle.device]
-    with torch.random.fork_rng(devices=devices):
+    cuda_devices = [bundle.device] if bundle.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         for iteration in range(max_concepts):
             if unexplained_fraction(explained) < stop_fraction or len(concepts) >= max_concepts:
                 break
+            if not retriever.remaining_words(found_words, synonym_threshold):
+                break  # every word left is a found word or a near-synonym of one
             ranked = retriever.rank(
                 image, explained=explained, exclude=found_words, top_k=1, synonym_threshold=synonym_threshold
             )

@@ -381,6 +381,12 @@ class ClipRetriever:
             for score, index in zip(best.values.tolist(), best.indices.tolist())
         ]
 
+    def remaining_words(self, exclude: Sequence[str] = (), synonym_threshold: float = DEFAULT_SYNONYM_THRESHOLD) -> int:
+        """How many vocabulary words :meth:`rank` could still return with these exclusions."""
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        return int((~self._excluded_rows(exclude, synonym_threshold)).sum())
+
     def _excluded_rows(self, exclude: Sequence[str], threshold: float) -> torch.Tensor:
         """Boolean ``[V]``: excluded words and their near-synonyms (cosine >= threshold with any of them)."""
         table = self.word_embeddings()

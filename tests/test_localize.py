@@ -28,7 +28,7 @@ def _image(height=64, width=64):
 
 def test_localize_terminates_with_disjoint_image_sized_masks(tiny_bundle, tiny_retriever):
     previews = []
-    concepts = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=3,
+    concepts = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=3, synonym_threshold=1.0,
                         callback=lambda step, total, preview: previews.append((step, total, preview)))
     assert len(concepts) <= 3
     assert 1 <= len(previews) <= 3
@@ -41,8 +41,8 @@ def test_localize_terminates_with_disjoint_image_sized_masks(tiny_bundle, tiny_r
 
 
 def test_localize_is_deterministic(tiny_bundle, tiny_retriever):
-    a = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, seed=3)
-    b = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, seed=3)
+    a = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, seed=3, synonym_threshold=1.0)
+    b = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, seed=3, synonym_threshold=1.0)
     assert a.names == b.names
     assert torch.equal(a.masks(), b.masks())
 
@@ -72,6 +72,9 @@ class _ScriptedRetriever:
     def __init__(self, words):
         self.words, self.calls = list(words), []
 
+    def remaining_words(self, exclude=(), synonym_threshold=0.85):
+        return len(self.words) - len(exclude)
+
     def rank(self, image, *, explained=None, exclude=(), top_k=5, synonym_threshold=0.85):
         self.calls.append((list(exclude), float(explained.mean())))
         return [(self.words[len(self.calls) - 1], 0.5)]
@@ -92,14 +95,14 @@ def test_loop_stops_below_the_stop_fraction_and_excludes_found_words(tiny_bundle
     left = torch.zeros(64, 64)
     left[:, :32] = 1
     rest = 1 - left
-    rest[:2, :] = 0  # 2/64 = 3 % stays unexplained: below the 5 % stop fraction
+    rest[:2, :] = 0  # 2 rows of the right half (1.6 %) stay unexplained: below the 5 % stop fraction
     retriever = _ScriptedRetriever(["cup", "table", "wall"])
     monkeypatch.setattr(localize_module, "segment_word", _scripted_segmenter([left, rest]))
     concepts = localize(tiny_bundle, retriever, _image(), max_concepts=6)
     assert [call[0] for call in retriever.calls] == [[], ["cup"]]
     assert retriever.calls[1][1] == pytest.approx(0.5)
     assert concepts.names == ["cup", "cup_2", "table", "table_2"]
-    assert concepts.settings["unexplained_fraction"] == pytest.approx(2 / 64)
+    assert concepts.settings["unexplained_fraction"] == pytest.approx(2 * 32 / (64 * 64))
 
 
 def test_loop_respects_max_concepts(tiny_bundle, monkeypatch):
@@ -109,6 +112,15 @@ def test_loop_respects_max_concepts(tiny_bundle, monkeypatch):
     monkeypatch.setattr(localize_module, "segment_word", _scripted_segmenter(thin))
     concepts = localize(tiny_bundle, _ScriptedRetriever(["a", "b", "c", "d", "e", "f"]), _image(), max_concepts=3)
     assert len(concepts) == 3
+
+
+def test_loop_ends_when_the_vocabulary_is_used_up(tiny_bundle, monkeypatch):
+    thin = [torch.zeros(64, 64) for _ in range(2)]
+    for k, mask in enumerate(thin):
+        mask[k * 2 : k * 2 + 2, :] = 1
+    monkeypatch.setattr(localize_module, "segment_word", _scripted_segmenter(thin))
+    concepts = localize(tiny_bundle, _ScriptedRetriever(["a", "b"]), _image(), max_concepts=6)
+    assert concepts.settings["retrieved_words"] == ["a", "b"]
 
 
 def test_user_errors(tiny_bundle, tiny_retriever):

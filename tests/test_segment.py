@@ -1,0 +1,236 @@
+"""DiffSeg in torch, word labels for segments, instance split: constructed attention with known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ice_ops.segment import (
+    aggregate_cross_attention,
+    aggregate_self_attention,
+    anchor_grid,
+    anchor_indices,
+    diffseg,
+    label_map,
+    label_segments,
+    merge_by_kl,
+    refine_by_kmeans,
+    split_instances,
+    symmetric_kl,
+    word_mask,
+)
+
+
+def three_regions(height: int, width: int) -> torch.Tensor:
+    """Left-top, left-bottom and right rectangles (boundaries on even cells, so halving keeps them)."""
+    regions = torch.zeros(height, width, dtype=torch.long)
+    regions[height // 2 :, : width // 2] = 1
+    regions[:, width // 2 :] = 2
+    return regions
+
+
+def uniform_within_regions(regions: torch.Tensor) -> torch.Tensor:
+    """Self-attention where every query attends uniformly to the pixels of its own region."""
+    flat = regions.reshape(-1)
+    same = (flat[:, None] == flat[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def gaussian_attention(height: int, width: int, sigma: float) -> torch.Tensor:
+    """Self-attention where every query attends to its neighbourhood (no region structure)."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    points = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1).float()
+    return (-torch.cdist(points, points) ** 2 / (2 * sigma**2)).softmax(dim=1)
+
+
+def same_up_to_permutation(a: torch.Tensor, b: torch.Tensor) -> bool:
+    pairs = set(zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()))
+    return len(pairs) == len({x for x, _ in pairs}) == len({y for _, y in pairs})
+
+
+def region_maps(height: int, width: int) -> dict:
+    return {
+        (height, width): uniform_within_regions(three_regions(height, width)),
+        (height // 2, width // 2): uniform_within_regions(three_regions(height // 2, width // 2)),
+    }
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (16, 12)])
+@pytest.mark.parametrize("refine", [True, False])
+def test_diffseg_recovers_known_regions_from_two_resolutions(grid, refine):
+    height, width = grid
+    labels = diffseg(region_maps(height, width), (2 * height, 2 * width), refine=refine)
+    expected = three_regions(height, width).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert labels.shape == expected.shape and labels.dtype == torch.long
+    assert len(torch.unique(labels)) == 3
+    assert same_up_to_permutation(labels, expected)
+
+
+def test_kl_thresholds_control_how_much_is_merged():
+    maps = {(16, 16): gaussian_attention(16, 16, 1.5), (8, 8): gaussian_attention(8, 8, 0.75)}
+    counts = {
+        threshold: len(torch.unique(diffseg(maps, (16, 16), kl_thresholds=(threshold,) * 3, refine=False)))
+        for threshold in (1e-4, 1.1, 1e6)
+    }
+    assert counts[1e6] == 1
+    assert counts[1e-4] > counts[1.1] > 1
+    assert counts[1e-4] >= 64  # nothing merges: every anchor of the 16x16 grid keeps its own map
+
+
+def test_each_threshold_is_its_own_iteration():
+    agg = aggregate_self_attention({(16, 16): gaussian_attention(16, 16, 1.5)})
+    anchors = anchor_indices(16, 16)
+    only_first = merge_by_kl(agg, anchors, thresholds=(0.5,))
+    three = merge_by_kl(agg, anchors, thresholds=(0.5, 0.5, 0.5))
+    assert only_first.shape[0] == len(anchors)
+    assert three.shape[0] < only_first.shape[0]
+    torch.testing.assert_close(three.sum(dim=1), torch.ones(three.shape[0]))
+    with pytest.raises(ValueError, match="positive"):
+        merge_by_kl(agg, anchors, thresholds=(1.1, 0.0))
+
+
+def test_anchor_grid_of_64_cells_is_the_reference_grid():
+    coordinates = np.linspace(1, 61, 16)
+    rows, cols = np.meshgrid(coordinates, coordinates, indexing="ij")
+    reference = np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1).astype(int)
+    grid = anchor_grid(64, 64, 16)
+    assert grid.dtype == torch.long
+    assert np.array_equal(grid.numpy(), reference)
+    assert torch.equal(anchor_indices(64, 64), grid[:, 0] * 64 + grid[:, 1])
+
+
+def test_anchor_grid_uses_every_cell_of_small_grids_and_spans_non_square_ones():
+    small = anchor_grid(8, 6, 16)
+    assert small.shape == (48, 2)
+    assert len({tuple(p) for p in small.tolist()}) == 48
+    wide = anchor_grid(32, 48, 16)
+    assert wide.shape == (256, 2)
+    assert wide[:, 0].max() < 32 and wide[:, 1].max() < 48
+    assert torch.unique(wide[:, 1]).numel() == 16 and wide[:, 1].max() - wide[:, 1].min() >= 40
+
+
+def test_symmetric_kl_matches_the_definition_and_survives_zeros():
+    torch.manual_seed(0)
+    x = torch.rand(5, 30).softmax(dim=1)
+    y = torch.rand(4, 30).softmax(dim=1)
+    xd, yd = x.double()[:, None], y.double()[None]
+    expected = 0.5 * (xd * (xd / yd).log()).sum(-1) + 0.5 * (yd * (yd / xd).log()).sum(-1)
+    torch.testing.assert_close(symmetric_kl(x, y).double(), expected, atol=1e-5, rtol=1e-4)
+    assert symmetric_kl(x, y).dtype == torch.float32
+    torch.testing.assert_close(symmetric_kl(x, x).diagonal(), torch.zeros(5), atol=1e-6, rtol=0)
+    disjoint = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
+    distances = symmetric_kl(disjoint, disjoint)
+    assert torch.isfinite(distances).all()
+    assert distances[0, 1] > 10 and abs(float(distances[0, 0])) < 1e-6
+
+
+def test_aggregation_weights_grids_by_resolution_and_rows_are_distributions():
+    fine = torch.eye(16 * 16)  # each query attends only to itself
+    coarse = torch.full((8 * 8, 8 * 8), 1 / 64)  # each query attends everywhere
+    agg = aggregate_self_attention({(16, 16): fine, (8, 8): coarse})
+    assert agg.shape == (256, 256)
+    expected = (16 / 24) * torch.eye(256) + (8 / 24) * torch.full((256, 256), 1 / 256)
+    torch.testing.assert_close(agg, expected)
+    non_square = aggregate_self_attention(region_maps(16, 12))
+    assert non_square.shape == (192, 192)
+    torch.testing.assert_close(non_square.sum(dim=1), torch.ones(192))
+    with pytest.raises(ValueError, match="batch item"):
+        aggregate_self_attention({(4, 4): torch.ones(2, 16, 16)})
+
+
+def test_refine_by_kmeans_finds_cluster_means_and_drops_empty_clusters():
+    torch.manual_seed(0)
+    a = torch.zeros(20, 6)
+    a[:, 0] = 1
+    b = torch.zeros(30, 6)
+    b[:, 5] = 1
+    points = torch.cat([a, b]) + 0.01 * torch.rand(50, 6)
+    start = torch.tensor([[0.6, 0.4, 0, 0, 0, 0], [0, 0, 0, 0, 0.4, 0.6], [0, 0, 50.0, 0, 0, 0]])
+    centres = refine_by_kmeans(points, start)
+    assert centres.shape == (2, 6)
+    torch.testing.assert_close(centres[0], points[:20].mean(dim=0))
+    torch.testing.assert_close(centres[1], points[20:].mean(dim=0))
+
+
+def test_label_map_upsamples_and_takes_the_argmax():
+    maps = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])  # 2x2 grid: left column / right column
+    labels = label_map(maps, (2, 2), (4, 6))
+    assert labels.shape == (4, 6)
+    assert torch.equal(labels, torch.tensor([[0, 0, 0, 1, 1, 1]] * 4))
+
+
+def test_cross_attention_grids_are_upsampled_and_summed():
+    column = torch.zeros(4, 4, 2)
+    column[:, :2, 0] = 1.0
+    column[:, 2:, 1] = 1.0
+    coarse = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # 2x2, same left/right split
+    cross = aggregate_cross_attention({(4, 4): column.reshape(16, 2), (2, 2): coarse}, (8, 8))
+    assert cross.shape == (8, 8, 2)
+    torch.testing.assert_close(cross.sum(dim=-1), torch.full((8, 8), 2.0))
+    assert torch.equal(cross.argmax(dim=-1), torch.tensor([[0] * 4 + [1] * 4] * 8))
+
+
+def _word_scene():
+    """Segments 0 (left), 1 (middle), 2 (right) on a 6x9 image and 4 token columns: word 0 = [0],
+    word 1 = two BPE pieces [1, 2] whose attention to segment 1 is split over both, word 2 = [3]."""
+    labels = torch.tensor([[0] * 3 + [1] * 3 + [2] * 3] * 6)
+    cross = torch.full((6, 9, 4), 0.05)
+    cross[:, 0:3, 0] = 0.8
+    cross[:, 0:3, 1] = 0.6  # the first piece alone mostly likes the left segment ...
+    cross[:, 3:6, 1] = 0.15
+    cross[:, 3:6, 2] = 0.6  # ... the second piece carries the middle one
+    cross[:, 3:6, 3] = 0.35
+    cross[:, 6:9, 3] = 0.9
+    return labels, cross
+
+
+def test_label_segments_picks_the_dominating_word_using_all_pieces_of_a_word():
+    labels, cross = _word_scene()
+    mapping = label_segments(labels, cross, [[0], [1, 2], [3]])
+    assert mapping == {0: 0, 1: 1, 2: 2}
+    # Using only the first BPE piece (reference bug B2) loses the middle segment to the third word.
+    assert label_segments(labels, cross, [[0], [1], [3]])[1] == 2
+    mask = word_mask(labels, mapping, 1)
+    assert mask.dtype == torch.bool and torch.equal(mask, labels == 1)
+
+
+def test_label_segments_rejects_mismatched_inputs():
+    labels, cross = _word_scene()
+    with pytest.raises(ValueError, match="columns"):
+        label_segments(labels, cross, [[0], [4]])
+    with pytest.raises(ValueError, match="size"):
+        label_segments(labels[:, :5], cross, [[0]])
+
+
+def test_split_instances_keeps_large_components_largest_first():
+    mask = torch.zeros(40, 40, dtype=torch.bool)
+    mask[2:10, 2:10] = True  # 64 px
+    mask[20:35, 20:35] = True  # 225 px
+    mask[0:3, 30:33] = True  # 9 px < 0.025 * 1600 = 40 px
+    instances = split_instances(mask)
+    assert [float(m.sum()) for m in instances] == [225.0, 64.0]
+    assert all(m.dtype == torch.float32 and m.shape == (40, 40) for m in instances)
+    assert torch.equal(instances[0].bool() | instances[1].bool(), mask & ~torch.tensor(
+        np.pad(np.ones((3, 3), dtype=bool), ((0, 37), (30, 7)))
+    ))
+    assert len(split_instances(mask, min_fraction=0.0)) == 3
+
+
+def test_split_instances_joins_diagonal_neighbours():
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[2:8, 2:8] = True
+    mask[8:14, 8:14] = True  # touches the first square only at a corner
+    instances = split_instances(mask)
+    assert len(instances) == 1 and float(instances[0].sum()) == 72.0
+
+
+def test_segmentation_composes_with_labelling():
+    height, width = 16, 12
+    labels = diffseg(region_maps(height, width), (32, 24))
+    regions = three_regions(32, 24)
+    cross_fine = torch.stack([(three_regions(height, width) == k).float() for k in range(3)], dim=-1)
+    cross_maps = {(height, width): cross_fine.reshape(-1, 3)}
+    cross = aggregate_cross_attention(cross_maps, (32, 24))
+    mapping = label_segments(labels, cross, [[0], [1], [2]])
+    for word in range(3):
+        assert torch.equal(word_mask(labels, mapping, word), regions == word)
