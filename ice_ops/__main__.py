@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="phase-two steps (default 400; 0 skips phase two)")
     lrn.add_argument("--anchors", default="material,colour",
                      help="comma-separated intrinsic anchors (default material,colour)")
+    lrn.add_argument("--refine-steps", type=int, default=0,
+                     help="optional LoRA refinement steps on the UNet after phase two (default 0 = off)")
     lrn.add_argument("--lr", type=float, default=5e-4, help="learning rate of the token vectors (default 5e-4)")
     lrn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     lrn.add_argument("--out", required=True, help="where to write the learned concept set (.safetensors)")
@@ -151,7 +153,10 @@ def run_learn(args) -> int:
                                   callback=report("object tokens"))
     if args.intrinsic_steps:
         learned = learn_intrinsic_tokens(bundle, image, learned, anchors=args.anchors, steps=args.intrinsic_steps,
-                                         lr=args.lr, seed=args.seed, callback=report("intrinsic tokens"))
+                                         refine_steps=args.refine_steps, lr=args.lr, seed=args.seed,
+                                         callback=report("intrinsic tokens"))
+    elif args.refine_steps:
+        raise ValueError("--refine-steps needs phase two: give --intrinsic-steps > 0.")
     learned.save(args.out, overwrite=args.overwrite)
     roles = ", ".join(f"{c.name}: {'/'.join(c.roles)}" for c in learned.concepts)
     sys.stdout.write(f"learned: {roles}\nwrote: {args.out}\n")
@@ -162,6 +167,7 @@ def run_compose(args) -> int:
     from .compose import compose, generate
     from .concepts import ConceptSet
     from .imaging import tensor_to_pil
+    from .lora import apply_lora
 
     concepts = ConceptSet.load(args.concepts)
     bundle = load_bundle(args.model, args.device)
@@ -169,8 +175,9 @@ def run_compose(args) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} already exists; choose another --out or pass --overwrite.")
     condition = compose(bundle, concepts, args.prompt, negative=args.negative)
-    images = generate(bundle, condition, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                      height=args.height, width=args.width)
+    with apply_lora(bundle.unet, concepts.lora):
+        images = generate(bundle, condition, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                          height=args.height, width=args.width)
     _save_png(tensor_to_pil(images[0]), args.out, args.overwrite)
     sys.stdout.write(f"prompt: {condition.text}\nwrote: {args.out}\n")
     return 0

@@ -19,9 +19,11 @@ from . import losses
 from .attention import capture_attention
 from .concepts import BASE_ROLES, INSTANCE_ROLE, OBJECT_ROLE, ConceptSet, text_encoder_fingerprint
 from .imaging import resize_image, resize_soft_mask, to_image_tensor, working_size
+from .lora import DEFAULT_RANK, apply_lora, init_lora, trainable_lora
 from .tokens import PlaceholderText, placeholder_string
 
 Callback = Callable[[int, int, "torch.Tensor | None"], None]
+Monitor = Callable[[int, dict], None]  # (step, {"loss", "diffusion", "attention", "regulariser"}) per step
 
 # Reference schedule (ice_spec §2.3-2.8): 400 + 400 steps, AdamW lr 5e-4, weight decay 1e-2, clip 1.0.
 DEFAULT_STEPS = 400
@@ -39,6 +41,11 @@ ATTENTION_LOSS_WEIGHT = 1e-5 * 16
 OBJECT_TRIPLET_WEIGHT = 1.0  # reg_weight
 INTRINSIC_TRIPLET_WEIGHT = 5e-2  # reg_intrinsic_weight
 DEFAULT_ANCHORS = ("material", "colour")
+# Refinement: the reference fine-tunes the whole UNet (and the intrinsic rows) at 2e-6. A rank-4 LoRA starts
+# at zero and moves only low-rank factors, so it needs a far larger step to change the UNet as much; 1e-4 is
+# the customary LoRA rate for SD (diffusers/kohya examples). The token rows keep the reference's 2e-6.
+REFINE_LORA_LR = 1e-4
+REFINE_TOKEN_LR = 2e-6
 
 # The 27 prompt templates of the reference (the textual-inversion templates).
 PROMPT_TEMPLATES = (
@@ -84,6 +91,7 @@ def learn_object_tokens(
     triplet_margin: float = losses.DEFAULT_TRIPLET_MARGIN,
     attention_weight: float = ATTENTION_LOSS_WEIGHT,
     triplet_weight: float = OBJECT_TRIPLET_WEIGHT,
+    monitor: Monitor | None = None,
 ) -> ConceptSet:
     """Phase one: learn an object and an instance token per concept. Returns a new ConceptSet."""
     _check_steps(steps, "steps")
@@ -111,7 +119,7 @@ def learn_object_tokens(
 
     vectors = _train(
         bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
-        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=attention_weight,
+        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=attention_weight, monitor=monitor,
     )
     settings = dict(concepts.settings, object_steps=steps, object_lr=lr, seed=seed, triplet_margin=triplet_margin)
     return _with_vectors(concepts, vectors, bundle, settings=settings)
@@ -128,16 +136,21 @@ def learn_intrinsic_tokens(
     callback: Callback | None = None,
     *,
     lr: float = DEFAULT_LR,
+    refine_lr: float = REFINE_LORA_LR,
+    refine_rank: int = DEFAULT_RANK,
     attention_weight: float = ATTENTION_LOSS_WEIGHT,
     triplet_weight: float = INTRINSIC_TRIPLET_WEIGHT,
+    monitor: Monitor | None = None,
 ) -> ConceptSet:
-    """Phase two: learn one intrinsic token per anchor, initialised from each concept's instance token."""
+    """Phase two: learn one intrinsic token per anchor, initialised from each concept's instance token.
+
+    With ``refine_steps > 0`` a LoRA on the UNet's attention projections is then trained together with the
+    intrinsic tokens (the reference's optional step 2, which fine-tunes the whole UNet at lr 2e-6); the
+    result's ``lora`` holds it in ComfyUI's kohya layout. The user's UNet itself is never changed."""
     _check_steps(steps, "steps")
     _check_lr(lr)
-    if refine_steps != 0:
-        raise ValueError(
-            "UNet refinement (refine_steps > 0) is not available in this version; set refine_steps to 0."
-        )
+    if int(refine_steps) != refine_steps or refine_steps < 0:
+        raise ValueError(f"refine_steps must be 0 (no refinement) or a positive whole number, got {refine_steps}.")
     anchors = normalise_anchors(anchors)
     image = to_image_tensor(image).cpu()
     concepts.validate(tuple(image.shape[-2:]))
@@ -182,12 +195,30 @@ def learn_intrinsic_tokens(
             anchor_pooled, intrinsic, pair_margins, word_pooled[index], object_pooled[index], object_margins
         )
 
+    total = steps + refine_steps
     vectors = _train(
         bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
-        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=attention_weight,
+        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=attention_weight, monitor=monitor,
+        progress_total=total,
     )
-    settings = dict(concepts.settings, intrinsic_steps=steps, intrinsic_lr=lr, intrinsic_seed=seed)
-    return _with_vectors(concepts, vectors, bundle, settings=settings, anchors=anchors)
+    lora = None
+    if refine_steps:
+        for name, vector in vectors.items():
+            text.set_vector(name, vector)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        lora = trainable_lora(init_lora(bundle.unet, refine_rank, generator=generator), bundle.device)
+        vectors = _train(
+            bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
+            steps=refine_steps, lr=REFINE_TOKEN_LR, seed=seed + 1, callback=callback,
+            attention_weight=attention_weight, monitor=monitor, lora=lora, lora_lr=refine_lr,
+            progress_offset=steps, progress_total=total,
+        )
+        lora = {key: value.detach().cpu().clone() for key, value in lora.items()}
+    settings = dict(concepts.settings, intrinsic_steps=steps, intrinsic_lr=lr, intrinsic_seed=seed,
+                    refine_steps=refine_steps, refine_lr=refine_lr if refine_steps else None)
+    result = _with_vectors(concepts, vectors, bundle, settings=settings, anchors=anchors)
+    result.lora = lora
+    return result
 
 
 def normalise_anchors(anchors: Sequence[str] | str) -> tuple[str, ...]:
@@ -218,13 +249,20 @@ def attention_downsample_factor(unet) -> int:
 
 # ---------------------------------------------------------------------- training loop
 def _train(bundle, image, concepts, text, trainable, prompt_tokens, regulariser, *, steps, lr, seed, callback,
-           attention_weight) -> dict[str, torch.Tensor]:
+           attention_weight, monitor=None, lora=None, lora_lr=None, progress_offset=0,
+           progress_total=None) -> dict[str, torch.Tensor]:
     device = bundle.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     scene = _prepare_scene(bundle, image, concepts)
     timestep_weights = losses.timestep_weights(bundle.num_train_timesteps, TIMESTEP_DENSITY_AMPLITUDE)
-    parameters = text.trainable(trainable)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
+    parameters = list(text.trainable(trainable))
+    groups = [{"params": parameters, "lr": lr}]
+    if lora:
+        lora_parameters = [value for value in lora.values() if value.requires_grad]
+        groups.append({"params": lora_parameters, "lr": lora_lr})
+        parameters = parameters + lora_parameters
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
+    progress_total = progress_total or steps
     autocast = _autocast(bundle)
     last_good = {name: text.vector(name).detach().clone() for name in text.names}
 
@@ -253,28 +291,37 @@ def _train(bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
                 cross_positions=positions,
                 downsample_factors={scene.attention_factor},
                 keep_graph=True,
-            ) as store:
+            ) as store, apply_lora(bundle.unet, lora):
                 prediction = bundle.unet(noisy, timestep, encoder_hidden_states=hidden.to(bundle.dtype)).sample
         diffusion = losses.masked_diffusion_loss(prediction.float(), target.float(), scene.latent_masks[flip, index : index + 1])
         attention_map = _concept_attention(store, scene.attention_masks.shape[-2:])
         alignment = losses.attention_alignment_loss(attention_map, scene.attention_masks[flip, index : index + 1])
-        loss = diffusion + attention_weight * alignment + regulariser(index)
+        regularisation = regulariser(index)
+        loss = diffusion + attention_weight * alignment + regularisation
 
         if not torch.isfinite(loss):
-            partial = _with_vectors(concepts, last_good, bundle)
-            raise TrainingDiverged(
-                f"Training diverged at step {step + 1} of {steps} (the loss became {float(loss)}); the vectors of the "
-                "last good step were kept. Lower the learning rate or try another seed.",
-                partial,
-            )
+            raise _diverged(step, steps, f"the loss became {float(loss)}", concepts, last_good, bundle)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        if not torch.isfinite(gradient_norm):
+            raise _diverged(step, steps, "the gradients became NaN or infinite", concepts, last_good, bundle)
         optimizer.step()
         last_good = {name: text.vector(name).detach().clone() for name in text.names}
+        if monitor is not None:
+            monitor(step + 1, {"loss": float(loss.detach()), "diffusion": float(diffusion.detach()),
+                               "attention": float(alignment.detach()), "regulariser": float(regularisation.detach())})
         if callback is not None:
-            callback(step + 1, steps, None)
+            callback(progress_offset + step + 1, progress_total, None)
     return last_good
+
+
+def _diverged(step, steps, what, concepts, last_good, bundle) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"Training diverged at step {step + 1} of {steps} ({what}); the vectors of the last good step were kept. "
+        "Lower the learning rate or try another seed.",
+        _with_vectors(concepts, last_good, bundle),
+    )
 
 
 def _prepare_scene(bundle, image, concepts) -> _Scene:

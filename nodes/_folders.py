@@ -1,0 +1,122 @@
+"""The models folders ICE reads and writes, registered with ComfyUI's ``folder_paths``.
+
+- ``models/ice``: retriever weights (.safetensors), extra open_clip architectures (<name>.json) and
+  vocabularies (.txt);
+- ``models/ice_concepts``: concept sets written by Save Concepts;
+- retriever weights are also listed from ``models/clip`` (ComfyUI's ``text_encoders`` folder list).
+More folders can be added with ComfyUI's extra_model_paths.yaml under the keys ``ice`` and ``ice_concepts``.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ._engine import engine
+from ._spec import BUILTIN_VOCABULARY
+
+ICE_FOLDER = "ice"
+CONCEPTS_FOLDER = "ice_concepts"
+CLIP_FOLDER = "clip"  # ComfyUI maps it to text_encoders: models/text_encoders and models/clip
+WEIGHTS_EXTENSION = ".safetensors"  # only safetensors are read from user files (no pickles)
+CONFIG_EXTENSION = ".json"
+VOCABULARY_EXTENSION = ".txt"
+# Architectures to offer first: the CLIP family of each supported SD text encoder (design.md, Weights):
+# OpenAI ViT-L/14 weights need open_clip's QuickGELU variant (SD 1.x), OpenCLIP ViT-H-14 laion2b (SD 2.x).
+RECOMMENDED_ARCHITECTURES = ("ViT-L-14-quickgelu", "ViT-H-14")
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def register_folders() -> None:
+    """Add ``ice`` and ``ice_concepts`` to ComfyUI's model folders, keeping paths from extra_model_paths.yaml."""
+    extensions = {WEIGHTS_EXTENSION, CONFIG_EXTENSION, VOCABULARY_EXTENSION}
+    for name, exts in ((ICE_FOLDER, extensions), (CONCEPTS_FOLDER, {WEIGHTS_EXTENSION})):
+        default = os.path.join(folder_paths.models_dir, name)
+        paths = list(folder_paths.folder_names_and_paths.get(name, ([], set()))[0])
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts))
+
+
+def _files(folder: str, extension: str) -> list[str]:
+    return [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(extension)]
+
+
+def retriever_weights() -> list[str]:
+    names = _files(ICE_FOLDER, WEIGHTS_EXTENSION)
+    names += [n for n in _files(CLIP_FOLDER, WEIGHTS_EXTENSION) if n not in names]
+    return names
+
+
+def weights_path(name: str) -> str:
+    for folder in (ICE_FOLDER, CLIP_FOLDER):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise ValueError(f"Retriever weights {name!r} were not found in models/ice or models/clip; refresh the node list.")
+
+
+def architecture_configs() -> dict[str, str]:
+    """Extra open_clip architectures: ``{name: path}`` of the <name>.json configs in models/ice."""
+    found = {}
+    for name in _files(ICE_FOLDER, CONFIG_EXTENSION):
+        path = folder_paths.get_full_path(ICE_FOLDER, name)
+        if path is not None:
+            found[os.path.splitext(os.path.basename(name))[0]] = path
+    return found
+
+
+def retriever_architectures() -> list[str]:
+    """Recommended architectures first, then the engine's other supported ones and models/ice configs."""
+    import open_clip
+
+    known = set(open_clip.list_models())
+    builtin = [n for arch in engine("retrieve").SUPPORTED_ARCHS for n in (arch + QUICKGELU_SUFFIX, arch) if n in known]
+    first = [name for name in RECOMMENDED_ARCHITECTURES if name in builtin]
+    rest = [name for name in builtin if name not in first]
+    return first + rest + sorted(set(architecture_configs()) - set(builtin))
+
+
+def architecture_argument(name: str) -> str:
+    """What ClipRetriever.from_pretrained takes for ``name``: a models/ice config path, or the built-in name."""
+    return architecture_configs().get(name, name)
+
+
+def vocabularies() -> list[str]:
+    return [BUILTIN_VOCABULARY] + _files(ICE_FOLDER, VOCABULARY_EXTENSION)
+
+
+def vocabulary_path(name: str) -> str | None:
+    """None for the built-in vocabulary, else the .txt file's path."""
+    if name == BUILTIN_VOCABULARY:
+        return None
+    path = folder_paths.get_full_path(ICE_FOLDER, name)
+    if path is None:
+        raise ValueError(f"Vocabulary {name!r} was not found in models/ice; refresh the node list.")
+    return path
+
+
+def concept_sets() -> list[str]:
+    return _files(CONCEPTS_FOLDER, WEIGHTS_EXTENSION)
+
+
+def concept_set_path(name: str) -> str:
+    path = folder_paths.get_full_path(CONCEPTS_FOLDER, name)
+    if path is None:
+        raise ValueError(f"Concept set {name!r} was not found in models/ice_concepts; refresh the node list.")
+    return path
+
+
+def output_folders() -> dict[str, str]:
+    """Where Save Concepts writes: the first folder of each kind."""
+    return {
+        "concepts": folder_paths.get_folder_paths(CONCEPTS_FOLDER)[0],
+        "embeddings": folder_paths.get_folder_paths("embeddings")[0],
+        "loras": folder_paths.get_folder_paths("loras")[0],
+    }
+
+
+def cache_folder() -> str:
+    """Where the retriever may cache vocabulary text features (ComfyUI's user folder, not a models folder)."""
+    return os.path.join(folder_paths.get_user_directory(), "ice_cache")
+

@@ -1,0 +1,471 @@
+"""What every ICE node looks like, without ComfyUI: ids, names, categories, sockets, widgets, tooltips.
+
+The V3 schemas (``nodes/_schema.py``), NODES.md (``python -m nodes.make_docs``) and the workflow tests all
+read this module, so the documentation, the tooltips and the graphs cannot drift apart. ``STOCK_NODES``
+describes the few ComfyUI core nodes our example workflows use (checked against a real ComfyUI in the
+ComfyUI test tier).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "ICE_"
+CATEGORY_LOCALIZE = "ICE/localize"
+CATEGORY_LEARN = "ICE/learn"
+CATEGORY_COMPOSE = "ICE/compose"
+CATEGORY_IO = "ICE/io"
+CATEGORIES = (CATEGORY_LOCALIZE, CATEGORY_LEARN, CATEGORY_COMPOSE, CATEGORY_IO)
+
+ICE_MODEL = "ICE_MODEL"
+ICE_RETRIEVER = "ICE_RETRIEVER"
+ICE_CONCEPTS = "ICE_CONCEPTS"
+CUSTOM_TYPES = (ICE_MODEL, ICE_RETRIEVER, ICE_CONCEPTS)
+# Socket types whose value is typed into the node (a widget) rather than only linked.
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widget range (nodes.py KSampler)
+
+# Dynamic option lists, filled from the models folders when ComfyUI asks for the schema.
+OPTIONS_RETRIEVER_WEIGHTS = "retriever_weights"
+OPTIONS_RETRIEVER_ARCHITECTURES = "retriever_architectures"
+OPTIONS_VOCABULARIES = "vocabularies"
+OPTIONS_CONCEPT_SETS = "concept_sets"
+BUILTIN_VOCABULARY = "built-in nouns"
+
+# Engine defaults repeated here so this module stays import-free; tests/test_nodes_spec.py checks them
+# against ice_ops (localize.DEFAULT_STOP_FRACTION, DEFAULT_MAX_CONCEPTS, learn.DEFAULT_STEPS, DEFAULT_LR,
+# DEFAULT_ANCHORS).
+DEFAULT_STOP_FRACTION = 0.05
+DEFAULT_MAX_CONCEPTS = 6
+DEFAULT_STEPS = 400
+DEFAULT_LR = 5e-4
+DEFAULT_ANCHORS = "material, colour"
+DEFAULT_TOP_K = 5
+# Working resolution widget: SD 1.x/2.x sizes are multiples of 64 (VAE /8 x UNet /8); 2048 is 4x SD 1.5's.
+WORKING_RESOLUTION_STEP = 64
+MAX_WORKING_RESOLUTION = 2048
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input socket or widget."""
+
+    name: str
+    type: str
+    tooltip: str
+    optional: bool = False
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    multiline: bool = False
+    placeholder: str | None = None
+    options: tuple[str, ...] = ()
+    options_from: str | None = None
+    control_after_generate: bool = False
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    type: str
+    tooltip: str = ""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    category: str
+    description: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[OutputSpec, ...]
+    experimental: bool = False
+    output_node: bool = False
+
+    def input(self, name: str) -> InputSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"{self.node_id} has no input {name!r}")
+
+    @property
+    def widgets(self) -> tuple[InputSpec, ...]:
+        return tuple(spec for spec in self.inputs if spec.is_widget)
+
+    @property
+    def sockets(self) -> tuple[InputSpec, ...]:
+        return tuple(spec for spec in self.inputs if not spec.is_widget)
+
+
+def _seed(tooltip: str) -> InputSpec:
+    return InputSpec("seed", "INT", tooltip, default=0, min=0, max=MAX_SEED, control_after_generate=True)
+
+
+_IMAGE_ONE = "The image to work on. Give exactly one image (a batch of several stops the node)."
+_ICE_MODEL_IN = "The Stable Diffusion model prepared by Load ICE Model."
+_CONCEPTS_IN = "The concept set: words and masks from Localize Concepts, or one loaded with Load Concepts."
+
+NODES: tuple[NodeSpec, ...] = (
+    NodeSpec(
+        node_id="ICE_LoadICEModel",
+        display_name="Load ICE Model",
+        category=CATEGORY_IO,
+        description=(
+            "Prepares the checkpoint's UNet, text encoder and VAE for ICE. Connect MODEL, CLIP and VAE of one "
+            "Load Checkpoint node holding a Stable Diffusion 1.x or 2.x model; ComfyUI's own objects are copied, "
+            "never changed."
+        ),
+        inputs=(
+            InputSpec("model", "MODEL", "MODEL output of Load Checkpoint (SD 1.x or SD 2.x; LoRAs already applied are kept)."),
+            InputSpec("clip", "CLIP", "CLIP output of the same Load Checkpoint node."),
+            InputSpec("vae", "VAE", "VAE output of the same Load Checkpoint node."),
+            InputSpec(
+                "working_resolution", "INT",
+                "Longest image side ICE works at, in pixels; 0 uses the model's native resolution (512 for SD 1.x "
+                "and 2.x-base, 768 for 2.x-v). Lower is faster and coarser.",
+                default=0, min=0, max=MAX_WORKING_RESOLUTION, step=WORKING_RESOLUTION_STEP,
+            ),
+        ),
+        outputs=(OutputSpec("ice_model", ICE_MODEL, "The model in the form the ICE nodes use."),),
+    ),
+    NodeSpec(
+        node_id="ICE_LoadCLIPRetriever",
+        display_name="Load CLIP Retriever",
+        category=CATEGORY_IO,
+        description=(
+            "Loads an open_clip image-text model that names the objects in an image by ranking a vocabulary of "
+            "nouns. Put the .safetensors weights in models/ice or models/clip. Use ViT-L-14 (OpenAI) with SD 1.x "
+            "and ViT-H-14 (laion2b) with SD 2.x."
+        ),
+        inputs=(
+            InputSpec(
+                "weights", "COMBO",
+                "open_clip weights (.safetensors) found in models/ice and models/clip.",
+                options_from=OPTIONS_RETRIEVER_WEIGHTS,
+            ),
+            InputSpec(
+                "architecture", "COMBO",
+                "The open_clip architecture the weights belong to (ViT-L-14 for OpenAI CLIP-L, ViT-H-14 for "
+                "OpenCLIP-H). A <name>.json open_clip config in models/ice adds an architecture.",
+                options_from=OPTIONS_RETRIEVER_ARCHITECTURES,
+            ),
+            InputSpec(
+                "vocabulary", "COMBO",
+                "Words the retriever may choose from: the built-in noun list, or a .txt file in models/ice with "
+                "one word per line.",
+                default=BUILTIN_VOCABULARY, options_from=OPTIONS_VOCABULARIES,
+            ),
+        ),
+        outputs=(OutputSpec("retriever", ICE_RETRIEVER, "The loaded retriever."),),
+    ),
+    NodeSpec(
+        node_id="ICE_ConceptRetrieve",
+        display_name="Retrieve Concept Words",
+        category=CATEGORY_LOCALIZE,
+        description="Names what is in the image: ranks the retriever's vocabulary against the image (or the part of it not yet masked).",
+        inputs=(
+            InputSpec("retriever", ICE_RETRIEVER, "The retriever from Load CLIP Retriever."),
+            InputSpec("image", "IMAGE", _IMAGE_ONE),
+            InputSpec("top_k", "INT", "How many words to return, best first.", default=DEFAULT_TOP_K, min=1, max=100),
+            InputSpec(
+                "exclude", "STRING",
+                "Words never to return, separated by commas (for example words already found).",
+                default="",
+            ),
+            InputSpec(
+                "ignore_mask", "MASK",
+                "Optional: regions already explained (white = ignore). Same size as the image.",
+                optional=True,
+            ),
+        ),
+        outputs=(
+            OutputSpec("top_word", "STRING", "The best word."),
+            OutputSpec("words", "STRING", "The top words, best first, separated by commas."),
+        ),
+    ),
+    NodeSpec(
+        node_id="ICE_AttentionSegment",
+        display_name="Attention Segment",
+        category=CATEGORY_LOCALIZE,
+        description=(
+            "Finds where one word is in the image from the diffusion model's attention (one UNet pass, no "
+            "training): self-attention groups the pixels, cross-attention tells which group is the word."
+        ),
+        inputs=(
+            InputSpec("ice_model", ICE_MODEL, _ICE_MODEL_IN),
+            InputSpec("image", "IMAGE", _IMAGE_ONE),
+            InputSpec("word", "STRING", "One word naming the object to segment, for example 'vase'.", default="object"),
+            InputSpec(
+                "ignore_mask", "MASK",
+                "Optional: regions to leave out (white = ignore). Same size as the image.",
+                optional=True,
+            ),
+        ),
+        outputs=(
+            OutputSpec("mask", "MASK", "Where the word is (white), at image size."),
+            OutputSpec("overlay", "IMAGE", "The mask drawn over the image."),
+        ),
+    ),
+    NodeSpec(
+        node_id="ICE_IterativeLocalize",
+        display_name="Localize Concepts",
+        category=CATEGORY_LOCALIZE,
+        description=(
+            "ICE stage one: repeatedly names the most prominent unexplained object and segments it, until "
+            "little of the image is left or enough concepts are found. Shows the masks while it works."
+        ),
+        inputs=(
+            InputSpec("ice_model", ICE_MODEL, _ICE_MODEL_IN),
+            InputSpec("retriever", ICE_RETRIEVER, "The retriever from Load CLIP Retriever."),
+            InputSpec("image", "IMAGE", _IMAGE_ONE),
+            InputSpec(
+                "stop_fraction", "FLOAT",
+                "Stop when less than this fraction of the image is unexplained (the paper uses 0.05).",
+                default=DEFAULT_STOP_FRACTION, min=0.0, max=0.99, step=0.01,
+            ),
+            InputSpec(
+                "max_concepts", "INT", "The most concepts to find.", default=DEFAULT_MAX_CONCEPTS, min=1, max=32
+            ),
+            _seed("Seed recorded with the concepts (localization itself does not sample)."),
+        ),
+        outputs=(
+            OutputSpec("concepts", ICE_CONCEPTS, "Words and masks of the objects found."),
+            OutputSpec("masks", "MASK", "One mask per concept, in concept order."),
+            OutputSpec("preview", "IMAGE", "The masks over the image with their words."),
+        ),
+    ),
+    NodeSpec(
+        node_id="ICE_LearnObjectTokens",
+        display_name="Learn Object Tokens",
+        category=CATEGORY_LEARN,
+        description=(
+            "ICE stage two, phase one: learns an object token (what kind of thing) and an instance token (what "
+            "makes this one unique) for every concept. Slow: a few minutes per 100 steps on a GPU."
+        ),
+        inputs=(
+            InputSpec("ice_model", ICE_MODEL, _ICE_MODEL_IN),
+            InputSpec("image", "IMAGE", "The image the concepts were found in (one image)."),
+            InputSpec("concepts", ICE_CONCEPTS, _CONCEPTS_IN),
+            InputSpec("steps", "INT", "Training steps (the paper uses 400).", default=DEFAULT_STEPS, min=1, max=20000),
+            InputSpec(
+                "learning_rate", "FLOAT", "AdamW learning rate for the token vectors.",
+                default=DEFAULT_LR, min=1e-6, max=1e-1, step=1e-5,
+            ),
+            _seed("Seed for noise, timesteps and flips; the same seed gives the same tokens."),
+            InputSpec(
+                "masks", "MASK",
+                "Optional: replacement masks, one per concept in concept order (for hand-corrected masks).",
+                optional=True,
+            ),
+        ),
+        outputs=(OutputSpec("concepts", ICE_CONCEPTS, "The concepts with object and instance tokens."),),
+        experimental=True,
+    ),
+    NodeSpec(
+        node_id="ICE_LearnIntrinsicTokens",
+        display_name="Learn Intrinsic Tokens",
+        category=CATEGORY_LEARN,
+        description=(
+            "ICE stage two, phase two: learns one token per intrinsic attribute (material, colour, ...) of every "
+            "concept, starting from its instance token. With refine steps it also trains a small LoRA and "
+            "returns the model with it applied."
+        ),
+        inputs=(
+            InputSpec("ice_model", ICE_MODEL, _ICE_MODEL_IN),
+            InputSpec("image", "IMAGE", "The image the concepts were found in (one image)."),
+            InputSpec("concepts", ICE_CONCEPTS, "Concepts with object tokens, from Learn Object Tokens."),
+            InputSpec(
+                "anchors", "STRING",
+                "Attributes to learn, separated by commas: material, colour, texture.",
+                default=DEFAULT_ANCHORS,
+            ),
+            InputSpec("steps", "INT", "Training steps (the paper uses 400).", default=DEFAULT_STEPS, min=1, max=20000),
+            InputSpec(
+                "refine_steps", "INT",
+                "LoRA refinement steps on the UNet after the tokens; 0 turns refinement off.",
+                default=0, min=0, max=20000,
+            ),
+            InputSpec(
+                "learning_rate", "FLOAT", "AdamW learning rate for the token vectors.",
+                default=DEFAULT_LR, min=1e-6, max=1e-1, step=1e-5,
+            ),
+            _seed("Seed for noise, timesteps and flips; the same seed gives the same tokens."),
+        ),
+        outputs=(
+            OutputSpec("concepts", ICE_CONCEPTS, "The concepts with intrinsic tokens (and the LoRA when refined)."),
+            OutputSpec(
+                "model", "MODEL",
+                "The checkpoint's MODEL with the refinement LoRA applied (a copy); unchanged when refine_steps is 0.",
+            ),
+        ),
+        experimental=True,
+    ),
+    NodeSpec(
+        node_id="ICE_ComposeConcepts",
+        display_name="Compose Concepts",
+        category=CATEGORY_COMPOSE,
+        description=(
+            "Encodes a prompt that mixes words with learned tokens, written [concept.role], for example "
+            "'a cup made of [bust.material] in [bowl.colour]'. Connect the result to KSampler's positive input."
+        ),
+        inputs=(
+            InputSpec("ice_model", ICE_MODEL, _ICE_MODEL_IN),
+            InputSpec("concepts", ICE_CONCEPTS, "Concepts with learned tokens."),
+            InputSpec(
+                "prompt", "STRING",
+                "The prompt. [name.role] inserts a learned token: name is the concept's name, role is object, "
+                "instance or an anchor such as material or colour.",
+                default="", multiline=True, placeholder="a cup made of [bust.material] in [bowl.colour]",
+            ),
+        ),
+        outputs=(OutputSpec("conditioning", "CONDITIONING", "Conditioning for KSampler, like CLIP Text Encode's."),),
+    ),
+    NodeSpec(
+        node_id="ICE_SaveConcepts",
+        display_name="Save Concepts",
+        category=CATEGORY_IO,
+        description=(
+            "Saves the concept set to models/ice_concepts, one embedding per learned token to models/embeddings "
+            "(use as embedding:NAME in CLIP Text Encode) and the refinement LoRA, if any, to models/loras."
+        ),
+        inputs=(
+            InputSpec("concepts", ICE_CONCEPTS, "The concepts to save."),
+            InputSpec(
+                "name", "STRING",
+                "File name without extension: letters, digits, '_' and '-'. Embeddings are called name_concept_role.",
+                default="ice_concepts",
+            ),
+            InputSpec(
+                "overwrite", "BOOLEAN", "Replace existing files of the same name instead of stopping.", default=False
+            ),
+        ),
+        outputs=(
+            OutputSpec(
+                "embeddings", "STRING",
+                "The saved tokens as 'embedding:NAME' words, ready to paste into CLIP Text Encode.",
+            ),
+        ),
+        output_node=True,
+    ),
+    NodeSpec(
+        node_id="ICE_LoadConcepts",
+        display_name="Load Concepts",
+        category=CATEGORY_IO,
+        description="Loads a concept set saved by Save Concepts from models/ice_concepts.",
+        inputs=(
+            InputSpec(
+                "concept_set", "COMBO", "A concept set file from models/ice_concepts.",
+                options_from=OPTIONS_CONCEPT_SETS,
+            ),
+        ),
+        outputs=(
+            OutputSpec("concepts", ICE_CONCEPTS, "The loaded concepts."),
+            OutputSpec("masks", "MASK", "One mask per concept, in concept order."),
+        ),
+    ),
+    NodeSpec(
+        node_id="ICE_PreviewConcepts",
+        display_name="Preview Concepts",
+        category=CATEGORY_IO,
+        description="Draws every concept's mask over the image in its own colour, labelled with its name.",
+        inputs=(
+            InputSpec("image", "IMAGE", "The image the concepts were found in (one image)."),
+            InputSpec("concepts", ICE_CONCEPTS, _CONCEPTS_IN),
+        ),
+        outputs=(OutputSpec("preview", "IMAGE", "The labelled masks over the image."),),
+        output_node=True,
+    ),
+)
+
+NODE_BY_ID: dict[str, NodeSpec] = {spec.node_id: spec for spec in NODES}
+
+# ComfyUI core nodes used by workflows/ (their input order and socket types in ComfyUI 0.3.64).
+_CKPT = "ckpt_name"
+STOCK_NODES: dict[str, NodeSpec] = {
+    spec.node_id: spec
+    for spec in (
+        NodeSpec(
+            "CheckpointLoaderSimple", "Load Checkpoint", "loaders", "",
+            (InputSpec(_CKPT, "COMBO", ""),),
+            (OutputSpec("MODEL", "MODEL"), OutputSpec("CLIP", "CLIP"), OutputSpec("VAE", "VAE")),
+        ),
+        NodeSpec(
+            "LoadImage", "Load Image", "image", "",
+            (InputSpec("image", "COMBO", ""),),
+            (OutputSpec("IMAGE", "IMAGE"), OutputSpec("MASK", "MASK")),
+        ),
+        NodeSpec(
+            "CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning", "",
+            (InputSpec("text", "STRING", "", multiline=True), InputSpec("clip", "CLIP", "")),
+            (OutputSpec("CONDITIONING", "CONDITIONING"),),
+        ),
+        NodeSpec(
+            "EmptyLatentImage", "Empty Latent Image", "latent", "",
+            (InputSpec("width", "INT", ""), InputSpec("height", "INT", ""), InputSpec("batch_size", "INT", "")),
+            (OutputSpec("LATENT", "LATENT"),),
+        ),
+        NodeSpec(
+            "KSampler", "KSampler", "sampling", "",
+            (
+                InputSpec("model", "MODEL", ""),
+                InputSpec("seed", "INT", "", control_after_generate=True),
+                InputSpec("steps", "INT", ""),
+                InputSpec("cfg", "FLOAT", ""),
+                InputSpec("sampler_name", "COMBO", ""),
+                InputSpec("scheduler", "COMBO", ""),
+                InputSpec("positive", "CONDITIONING", ""),
+                InputSpec("negative", "CONDITIONING", ""),
+                InputSpec("latent_image", "LATENT", ""),
+                InputSpec("denoise", "FLOAT", ""),
+            ),
+            (OutputSpec("LATENT", "LATENT"),),
+        ),
+        NodeSpec(
+            "VAEDecode", "VAE Decode", "latent", "",
+            (InputSpec("samples", "LATENT", ""), InputSpec("vae", "VAE", "")),
+            (OutputSpec("IMAGE", "IMAGE"),),
+        ),
+        NodeSpec(
+            "SaveImage", "Save Image", "image", "",
+            (InputSpec("images", "IMAGE", ""), InputSpec("filename_prefix", "STRING", "")),
+            (), output_node=True,
+        ),
+        NodeSpec(
+            "PreviewImage", "Preview Image", "image", "",
+            (InputSpec("images", "IMAGE", ""),),
+            (), output_node=True,
+        ),
+        NodeSpec(
+            "LoraLoader", "Load LoRA", "loaders", "",
+            (
+                InputSpec("model", "MODEL", ""),
+                InputSpec("clip", "CLIP", ""),
+                InputSpec("lora_name", "COMBO", ""),
+                InputSpec("strength_model", "FLOAT", ""),
+                InputSpec("strength_clip", "FLOAT", ""),
+            ),
+            (OutputSpec("MODEL", "MODEL"), OutputSpec("CLIP", "CLIP")),
+        ),
+    )
+}
+# UI-format widgets that store one extra value after their own (comfyui_notes §10.4).
+IMAGE_UPLOAD_WIDGETS = {("LoadImage", "image")}
+
+
+def node_spec(node_type: str) -> NodeSpec:
+    """The spec of an ICE node or of a stock node our workflows use."""
+    spec = NODE_BY_ID.get(node_type) or STOCK_NODES.get(node_type)
+    if spec is None:
+        raise KeyError(f"{node_type!r} is neither an ICE node nor a stock node known to nodes/_spec.py")
+    return spec
+
+
+def widget_value_count(node_type: str, widget: InputSpec) -> int:
+    """How many entries one widget takes in a UI-format ``widgets_values`` list."""
+    extra = widget.control_after_generate or (node_type, widget.name) in IMAGE_UPLOAD_WIDGETS
+    return 2 if extra else 1

@@ -1,0 +1,88 @@
+"""Save, load and preview concept sets."""
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from . import _folders
+from ._adapters import image_from_engine, image_to_engine, labelled_overlay, masks_from_engine
+from ._engine import engine
+from ._schema import schema
+
+FILE_EXTENSION = ".safetensors"
+LORA_SUFFIX = "_ice_lora"
+
+
+def checked_save_name(name: str) -> str:
+    """``name`` if it is a plain file name (letters, digits, '_', '-'); ``ValueError`` otherwise."""
+    cleaned = engine("concepts").sanitize_name(name, what="save name")
+    if cleaned != name.strip():
+        raise ValueError(
+            f"The save name {name!r} may only contain letters, digits, '_' and '-'; for example {cleaned!r}."
+        )
+    return cleaned
+
+
+class SaveConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema("ICE_SaveConcepts")
+
+    @classmethod
+    def execute(cls, concepts, name: str, overwrite: bool) -> io.NodeOutput:
+        name = checked_save_name(name)
+        folders = _folders.output_folders()
+        set_path = os.path.join(folders["concepts"], name + FILE_EXTENSION)
+        lora_path = os.path.join(folders["loras"], name + LORA_SUFFIX + FILE_EXTENSION) if concepts.lora else None
+        for path in (set_path, lora_path):
+            if path and os.path.exists(path) and not overwrite:
+                raise ValueError(f"{path} already exists; choose another name or switch 'overwrite' on.")
+        written = []
+        if any(c.vectors for c in concepts.concepts):
+            written = concepts.export_embeddings(folders["embeddings"], name, overwrite=overwrite)
+        if lora_path:
+            concepts.export_lora(lora_path, overwrite=overwrite)
+        concepts.save(set_path, overwrite=overwrite)
+        embeddings = " ".join("embedding:" + os.path.splitext(os.path.basename(p))[0] for p in written)
+        lines = [f"concept set: {set_path}", *(f"embedding: {p}" for p in written)]
+        if lora_path:
+            lines.append(f"LoRA: {lora_path}")
+        return io.NodeOutput(embeddings, ui=ui.PreviewText("\n".join(lines)))
+
+
+class LoadConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema("ICE_LoadConcepts")
+
+    @classmethod
+    def execute(cls, concept_set: str) -> io.NodeOutput:
+        with torch.inference_mode(False):  # tensors usable for training later
+            concepts = engine("concepts").ConceptSet.load(_folders.concept_set_path(concept_set))
+        return io.NodeOutput(concepts, masks_from_engine(concepts.masks(), tuple(concepts.image_size)))
+
+    @classmethod
+    def fingerprint_inputs(cls, concept_set: str):
+        """Reload when the file changes (Save Concepts with overwrite)."""
+        return os.path.getmtime(_folders.concept_set_path(concept_set))
+
+
+class PreviewConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema("ICE_PreviewConcepts")
+
+    @classmethod
+    def execute(cls, image, concepts) -> io.NodeOutput:
+        picture = image_to_engine(image)
+        size = tuple(picture.shape[-2:])
+        if tuple(concepts.image_size) != size:
+            height, width = concepts.image_size
+            raise ValueError(
+                f"The concepts were found in a {width}x{height} image but this image is {size[1]}x{size[0]}; "
+                "connect the image the concepts come from."
+            )
+        preview = image_from_engine(labelled_overlay(picture, concepts.masks(), concepts.names))
+        return io.NodeOutput(preview, ui=ui.PreviewImage(preview, cls=cls))
