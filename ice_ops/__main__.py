@@ -257,7 +257,7 @@ def _plan_outputs(folder: str, names: Sequence[str], overwrite: bool) -> dict[st
 def _save_png(picture, path: str, overwrite: bool) -> str:
     import io
 
-    from .concepts import write_bytes_atomic
+    from .files import write_bytes_atomic
 
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")

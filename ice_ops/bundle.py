@@ -33,7 +33,8 @@ def unsupported_model_error(what: str) -> ValueError:
     return ValueError(f"Unsupported model: {what}. ICE supports {SUPPORTED_TEXT}; load an SD 1.5 or SD 2.1 checkpoint.")
 
 
-def _read_config(family: str, part: str, config_dir: str | None = None) -> dict:
+def read_config(family: str, part: str, config_dir: str | None = None) -> dict:
+    """A shipped (or ``config_dir``) JSON config of one part: ``unet``, ``vae``, ``text_encoder``, ``scheduler``."""
     folder = config_dir or os.path.join(CONFIG_ROOT, family)
     path = os.path.join(folder, f"{part}.json")
     if not os.path.isfile(path):
@@ -43,7 +44,7 @@ def _read_config(family: str, part: str, config_dir: str | None = None) -> dict:
 
 
 def scheduler_config(prediction_type: str) -> dict:
-    config = _read_config("sd1", "scheduler")
+    config = read_config("sd1", "scheduler")
     config["prediction_type"] = prediction_type
     return config
 
@@ -171,10 +172,14 @@ class DiffusionBundle:
         *,
         prediction_type: str | None = None,
         config_dir: str | None = None,
+        configs: dict[str, dict] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "DiffusionBundle":
-        """Build a bundle from an original (LDM) state dict, as single files and ComfyUI hold them."""
+        """Build a bundle from an original (LDM) state dict, as single files and ComfyUI hold them.
+
+        ``configs`` may give the ``unet``, ``vae`` and ``text_encoder`` configs as dicts (e.g. derived from a
+        ComfyUI model); parts it leaves out come from ``config_dir`` or the shipped configs."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from diffusers.loaders.single_file_utils import (
             convert_ldm_clip_checkpoint,
@@ -188,11 +193,12 @@ class DiffusionBundle:
         prediction = prediction_type or detect_prediction_type(state, family)
         if prediction not in PREDICTION_TYPES:
             raise unsupported_model_error(f"prediction type {prediction!r}")
-        unet_config = _read_config(family, "unet", config_dir)
-        if family == "sd2" and prediction == "v_prediction" and config_dir is None:
+        given = configs or {}
+        unet_config = dict(given.get("unet") or read_config(family, "unet", config_dir))
+        if family == "sd2" and prediction == "v_prediction" and config_dir is None and "unet" not in given:
             unet_config["sample_size"] = SD2_V_NATIVE_SAMPLE_SIZE
-        vae_config = _read_config(family, "vae", config_dir)
-        text_config = _read_config(family, "text_encoder", config_dir)
+        vae_config = dict(given.get("vae") or read_config(family, "vae", config_dir))
+        text_config = dict(given.get("text_encoder") or read_config(family, "text_encoder", config_dir))
 
         unet = UNet2DConditionModel.from_config(unet_config)
         unet_state = convert_ldm_unet_checkpoint(state, unet.config)

@@ -10,11 +10,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
+
+from .files import write_bytes_atomic
 
 FORMAT_NAME = "ice-concept-set"
 FORMAT_VERSION = 1
@@ -256,28 +257,6 @@ def sanitize_name(name: str, *, what: str = "name") -> str:
     if not cleaned:
         raise ValueError(f"The {what} {text!r} has no letters or digits; use a plain name like 'my_photo'.")
     return cleaned
-
-
-def write_bytes_atomic(path: str, payload: bytes, *, overwrite: bool = False) -> str:
-    """Write ``payload`` to ``path`` through a temporary file + rename; refuse to replace a file unless asked."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path} already exists; choose another name or allow overwriting.")
-    handle, temporary = tempfile.mkstemp(prefix=".ice_tmp_", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if not overwrite and os.path.exists(path):
-            raise ValueError(f"{path} already exists; choose another name or allow overwriting.")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
 
 
 def text_encoder_fingerprint(text_encoder) -> dict[str, Any]:

@@ -16,12 +16,12 @@ Layout of the single file:
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Mapping
 
 import torch
 
 from .bundle import LDM_UNET_PREFIX, LDM_VAE_PREFIX
+from .files import write_atomic
 
 LDM_SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 LDM_SD2_TEXT_PREFIX = "cond_stage_model.model."
@@ -357,13 +357,5 @@ def save_single_file(bundle, path: str, *, overwrite: bool = False) -> str:
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{path!r} already exists; pass overwrite=True to replace it or choose another name.")
     state = {key: value.detach().cpu().contiguous() for key, value in bundle_to_ldm_state_dict(bundle).items()}
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=SINGLE_FILE_SUFFIX)
-    os.close(handle)
-    try:
-        save_file(state, temporary, metadata={"format": "pt"})
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    return write_atomic(path, lambda temporary: save_file(state, temporary, metadata={"format": "pt"}),
+                        overwrite=overwrite)

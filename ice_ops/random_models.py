@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .bundle import DiffusionBundle, _read_config, scheduler_config
+from .bundle import DiffusionBundle, read_config, scheduler_config
 from .text import END_OF_TEXT, build_clip_tokenizer
 
 TINY_TEXT_WIDTH = 32
@@ -61,10 +61,10 @@ def model_configs(kind: str) -> tuple[dict, dict, dict, str]:
     family = {"sd15": "sd1", "sd21": "sd2", "sd21-v": "sd2"}.get(kind)
     if family is None:
         raise ValueError(f"Unknown random model kind {kind!r}; choose one of {', '.join(KINDS)}.")
-    text = {k: v for k, v in _read_config(family, "text_encoder").items() if k != "architectures"}
-    unet = _read_config(family, "unet")
+    text = {k: v for k, v in read_config(family, "text_encoder").items() if k != "architectures"}
+    unet = read_config(family, "unet")
     prediction = "v_prediction" if kind == "sd21-v" else "epsilon"
-    return unet, _read_config(family, "vae"), text, prediction
+    return unet, read_config(family, "vae"), text, prediction
 
 
 def build_random_bundle(

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .files import write_atomic
 from .imaging import MASK_THRESHOLD, to_image_tensor
 
 logger = logging.getLogger(__name__)
@@ -454,21 +454,13 @@ class ClipRetriever:
         path = self.cache_path()
         if path is None:
             return
+        tensors = {CACHE_TENSOR_NAME: table.detach().float().cpu().contiguous()}
         try:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=".ice_words_", suffix=".tmp", dir=self.cache_dir)
+            write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=self._cache_metadata()),
+                         overwrite=True)
         except OSError as error:
             logger.warning("Cannot write the word-embedding cache in %s (%s); going on without it.",
                            self.cache_dir, error)
-            return
-        os.close(handle)
-        try:
-            tensors = {CACHE_TENSOR_NAME: table.detach().float().cpu().contiguous()}
-            save_file(tensors, temporary, metadata=self._cache_metadata())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
 
 # ----------------------------------------------------------------------------------------------- loading helpers

@@ -11,9 +11,6 @@ from ComfyUI are copied with :func:`normal_tensor` before the engine sees them.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -318,7 +315,7 @@ def bundle_from_comfy(model, clip, vae, working_resolution: int = 0):
     check_clip(clip, family)
     prediction = prediction_type(model)
     bundle_module = engine("bundle")
-    configs = {part: bundle_module._read_config(family, part) for part in ("unet", "vae", "text_encoder")}
+    configs = {part: bundle_module.read_config(family, part) for part in ("unet", "vae", "text_encoder")}
     unet_config = model.model.model_config.unet_config
     native = bundle_module.SD2_V_NATIVE_SAMPLE_SIZE if prediction == "v_prediction" else configs["unet"]["sample_size"]
     configs["unet"] = diffusers_unet_config(unet_config, configs["unet"], native)
@@ -326,15 +323,11 @@ def bundle_from_comfy(model, clip, vae, working_resolution: int = 0):
         configs["unet"]["sample_size"] = sample_size_for(working_resolution, configs["unet"], configs["vae"])
     management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
     state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
-    with tempfile.TemporaryDirectory(prefix="ice_configs_") as config_dir:
-        for part, config in configs.items():
-            with open(os.path.join(config_dir, f"{part}.json"), "w", encoding="utf-8") as handle:
-                json.dump(config, handle)
-        with torch.inference_mode(False):
-            bundle = bundle_module.DiffusionBundle.from_ldm_state_dict(
-                state, prediction_type=prediction, config_dir=config_dir,
-                device=management.unet_offload_device(), dtype=BUNDLE_DTYPE,
-            )
+    with torch.inference_mode(False):
+        bundle = bundle_module.DiffusionBundle.from_ldm_state_dict(
+            state, prediction_type=prediction, configs=configs,
+            device=management.unet_offload_device(), dtype=BUNDLE_DTYPE,
+        )
     return IceModel(bundle=bundle, model=model, family=family, model_class=name)
 
 

@@ -263,9 +263,9 @@ def test_clip_must_belong_to_the_model_family():
 
 # ---------------------------------------------------------------------- UNet configs from ComfyUI's
 def _shipped(family: str, part: str) -> dict:
-    from ice_ops.bundle import _read_config
+    from ice_ops.bundle import read_config
 
-    return _read_config(family, part)
+    return read_config(family, part)
 
 
 @pytest.mark.parametrize("family, comfy", [("sd1", COMFY_SD15), ("sd2", COMFY_SD21)])

@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ice_ops.files import write_bytes_atomic
 from ice_ops.concepts import (
     Concept,
     ConceptSet,
     sanitize_name,
     text_encoder_fingerprint,
     unique_name,
-    write_bytes_atomic,
 )
 
 
