@@ -14,7 +14,7 @@ import torch
 
 from .attention import capture_attention
 from .concepts import Concept, ConceptSet, unique_name
-from .imaging import overlay_masks, resize_image, resize_mask, to_image_tensor, working_size
+from .imaging import MASK_THRESHOLD, overlay_masks, resize_image, resize_mask, to_image_tensor, working_size
 from .segment import aggregate_cross_attention, diffseg, label_segments, split_instances
 from .text import word_token_positions
 
@@ -120,7 +120,7 @@ def localize(
     min_instance_fraction: float = MIN_INSTANCE_FRACTION,
     synonym_threshold: float = 0.85,
 ) -> ConceptSet:
-    """Find the objects in ``image``; returns a ConceptSet of words, scores and disjoint masks at input size.
+    """Find the objects in ``image`` until at most ``stop_fraction`` of it is unexplained; returns a ConceptSet of words, scores and disjoint masks at input size.
 
     At most ``max_concepts`` retrieval iterations run, and at most ``max_concepts`` concepts are kept; the
     loop also ends when every vocabulary word is a found word or a near-synonym of one.
@@ -144,8 +144,10 @@ def localize(
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         for iteration in range(max_concepts):
-            if unexplained_fraction(explained) < stop_fraction or len(concepts) >= max_concepts:
+            if unexplained_fraction(explained) <= stop_fraction or len(concepts) >= max_concepts:
                 break
+            if nothing_left_visible(image, explained):
+                break  # what is left unexplained is black: there is nothing more to see
             if not retriever.remaining_words(found_words, synonym_threshold):
                 break  # every word left is a found word or a near-synonym of one
             ranked = retriever.rank(
@@ -181,6 +183,12 @@ def localize(
             "unexplained_fraction": unexplained_fraction(explained),
         },
     )
+
+
+def nothing_left_visible(image: torch.Tensor, explained: torch.Tensor) -> bool:
+    """True when every pixel that is not yet explained is black."""
+    unexplained = explained <= MASK_THRESHOLD
+    return not bool((image.amax(0)[unexplained] > 0).any())
 
 
 def unexplained_fraction(explained: torch.Tensor) -> float:

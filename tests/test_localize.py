@@ -123,6 +123,28 @@ def test_loop_ends_when_the_vocabulary_is_used_up(tiny_bundle, monkeypatch):
     assert concepts.settings["retrieved_words"] == ["a", "b"]
 
 
+def test_loop_stops_when_only_black_pixels_are_left(tiny_bundle, monkeypatch):
+    image = torch.zeros(3, 64, 64)
+    image[:, 10:30, 10:30] = 0.8  # one grey square on black
+    square = torch.zeros(64, 64)
+    square[10:30, 10:30] = 1
+    retriever = _ScriptedRetriever(["box", "wall"])
+    monkeypatch.setattr(localize_module, "segment_word", _scripted_segmenter([square]))
+    concepts = localize(tiny_bundle, retriever, image, stop_fraction=0.0, max_concepts=6)
+    assert len(retriever.calls) == 1
+    assert concepts.names == ["box"]
+
+
+def test_zero_stop_fraction_runs_until_everything_is_explained(tiny_bundle, monkeypatch):
+    half = torch.zeros(64, 64)
+    half[:, :32] = 1
+    retriever = _ScriptedRetriever(["cup", "table", "wall"])
+    monkeypatch.setattr(localize_module, "segment_word", _scripted_segmenter([half, 1 - half]))
+    concepts = localize(tiny_bundle, retriever, _image(), stop_fraction=0.0, max_concepts=6)
+    assert len(retriever.calls) == 2
+    assert concepts.settings["unexplained_fraction"] == 0.0
+
+
 def test_user_errors(tiny_bundle, tiny_retriever):
     with pytest.raises(ValueError, match="black"):
         localize(tiny_bundle, tiny_retriever, torch.zeros(3, 64, 64))
