@@ -162,7 +162,8 @@ class DiffusionBundle:
             raise ValueError(f"Checkpoint {path!r} does not exist.")
         state = load_file(path)
         return cls.from_ldm_state_dict(
-            state, prediction_type=prediction_type, config_dir=config_dir, device=device, dtype=dtype
+            state, prediction_type=prediction_type, config_dir=config_dir, device=device, dtype=dtype,
+            share_tensors=True,  # the state dict was read from the file for this bundle alone
         )
 
     @classmethod
@@ -175,8 +176,12 @@ class DiffusionBundle:
         configs: dict[str, dict] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        share_tensors: bool = False,
     ) -> "DiffusionBundle":
         """Build a bundle from an original (LDM) state dict, as single files and ComfyUI hold them.
+
+        The bundle's weights are copies unless ``share_tensors`` (only for a state dict nobody else uses:
+        ComfyUI patches its own weights in place).
 
         ``configs`` may give the ``unet``, ``vae`` and ``text_encoder`` configs as dicts (e.g. derived from a
         ComfyUI model); parts it leaves out come from ``config_dir`` or the shipped configs."""
@@ -200,13 +205,9 @@ class DiffusionBundle:
         vae_config = dict(given.get("vae") or read_config(family, "vae", config_dir))
         text_config = dict(given.get("text_encoder") or read_config(family, "text_encoder", config_dir))
 
-        unet = UNet2DConditionModel.from_config(unet_config)
-        unet_state = convert_ldm_unet_checkpoint(state, unet.config)
-        _load_exact(unet, unet_state, "UNet")
-
-        vae = AutoencoderKL.from_config(vae_config)
-        vae_state = convert_ldm_vae_checkpoint(state, vae.config)
-        _load_exact(vae, vae_state, "VAE")
+        unet = _build_and_load(UNet2DConditionModel, unet_config, convert_ldm_unet_checkpoint, state, "UNet",
+                               share_tensors)
+        vae = _build_and_load(AutoencoderKL, vae_config, convert_ldm_vae_checkpoint, state, "VAE", share_tensors)
 
         text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items() if k != "architectures"}))
         if family == "sd1":
@@ -346,8 +347,26 @@ def _match_text_prefix(model, state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _load_exact(module, state: dict[str, torch.Tensor], what: str, ignore: Sequence[str] = ()) -> None:
-    result = module.load_state_dict(state, strict=False)
+def _build_and_load(model_class, config: dict, convert, state: dict, what: str, share_tensors: bool):
+    """Build a diffusers model on the meta device (no random initialisation of weights that are about to be
+    replaced) and assign the converted checkpoint tensors; fall back to a normal build if anything stays
+    unassigned."""
+    with torch.device("meta"):
+        module = model_class.from_config(config)
+    converted = convert(state, module.config)
+    if not share_tensors:
+        converted = {key: value.detach().clone() for key, value in converted.items()}
+    _load_exact(module, converted, what, assign=True)
+    if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+        module = model_class.from_config(config)
+        _load_exact(module, converted, what)
+    return module
+
+
+def _load_exact(
+    module, state: dict[str, torch.Tensor], what: str, ignore: Sequence[str] = (), *, assign: bool = False
+) -> None:
+    result = module.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if not any(i in k for i in ignore)]
     unexpected = [k for k in result.unexpected_keys if not any(i in k for i in ignore)]
     if missing or unexpected:

@@ -499,3 +499,18 @@ def test_importing_the_engine_loads_no_comfyui_module():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"ComfyUI modules imported: {result.stdout.strip()}"
+
+
+def test_bundle_from_a_state_dict_never_shares_the_callers_tensors(sd1_file):
+    """ComfyUI patches its weights in place; a bundle built from its state dict must hold copies."""
+    from safetensors.torch import load_file
+
+    from ice_ops.bundle import DiffusionBundle
+
+    path, config_dir = sd1_file
+    state = load_file(path)
+    bundle = DiffusionBundle.from_ldm_state_dict(state, config_dir=config_dir)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    before = bundle.unet.conv_in.weight.detach().clone()
+    state[key].add_(1.0)  # the caller changes its own tensor in place
+    assert torch.equal(bundle.unet.conv_in.weight, before)
