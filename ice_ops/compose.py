@@ -165,7 +165,11 @@ class ComposedPrompt:
 
 def compose(bundle: Any, concepts: Any, prompt: str, *, negative: str = "") -> ComposedPrompt:
     """Encode ``prompt`` (and ``negative``, which may use references too) with the learned tokens.
-    The bundle's tokenizer and text encoder are only read."""
+    The bundle's tokenizer and text encoder are only read. Vectors learned on another text encoder are
+    refused (``ValueError`` naming the model they were learned on)."""
+    check = getattr(concepts, "check_text_encoder", None)
+    if check is not None and (referenced_vectors(prompt, concepts) or referenced_vectors(negative, concepts)):
+        check(bundle.text_encoder)
     text = expand_prompt(prompt, concepts)
     negative_text = expand_prompt(negative, concepts)
     placeholders = PlaceholderText(bundle.tokenizer, bundle.text_encoder)

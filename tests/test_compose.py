@@ -168,6 +168,18 @@ def test_compose_accepts_the_real_concept_set(tiny_bundle):
     assert compose(tiny_bundle, concept_set, "a [cup]").text == "a <ice:cup:object>"
 
 
+def test_compose_refuses_a_set_learned_on_another_model_of_the_same_width(tiny_bundle):
+    from ice_ops.concepts import Concept, ConceptSet, text_encoder_fingerprint
+
+    vector = PlaceholderText(tiny_bundle.tokenizer, tiny_bundle.text_encoder).word_init("cup")
+    other = dict(text_encoder_fingerprint(tiny_bundle.text_encoder), embedding_sha256="0123456789abcdef")
+    concept_set = ConceptSet([Concept("cup", "cup", 1.0, torch.ones(4, 4), {"object": vector})], (4, 4),
+                             fingerprint=other)
+    with pytest.raises(ValueError, match="learned on a different model"):
+        compose(tiny_bundle, concept_set, "a [cup]")
+    assert compose(tiny_bundle, concept_set, "a plain cup").text == "a plain cup"
+
+
 # ---------------------------------------------------------------------- generating
 def test_generate_defaults_to_the_native_resolution(tiny_bundle, concepts):
     cond = compose(tiny_bundle, concepts, "a cup made of [bust.material]")
