@@ -1,0 +1,234 @@
+"""Toy World: scene generator, pixel classifiers, and (when the weights ship) the embedded model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ice_ops.text import build_clip_tokenizer, word_pieces
+from ice_ops.toyworld import scenes as sc
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_clip_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def many_scenes():
+    return [sc.make_scene(seed) for seed in range(200)]
+
+
+def test_same_seed_gives_the_same_scene():
+    first, second = sc.make_scene(1234), sc.make_scene(1234)
+    assert torch.equal(first.image, second.image)
+    assert first.caption == second.caption
+    assert torch.equal(first.masks, second.masks)
+
+
+def test_different_seeds_give_different_scenes():
+    assert not torch.equal(sc.make_scene(1).image, sc.make_scene(2).image)
+
+
+def test_scenes_hold_one_to_three_objects_of_distinct_shapes(many_scenes):
+    counts = {len(s.objects) for s in many_scenes}
+    assert counts == {1, 2, 3}
+    for scene in many_scenes:
+        assert len(set(scene.words)) == len(scene.words)
+
+
+def test_objects_do_not_overlap_and_masks_are_not_empty(many_scenes):
+    for scene in many_scenes:
+        masks = scene.masks
+        assert masks.sum(dim=(1, 2)).min() > 0
+        assert masks.sum(0).max() <= 1
+
+
+def test_masks_mark_exactly_the_painted_object_pixels(many_scenes):
+    for scene in many_scenes[:50]:
+        painted = sc.foreground_mask(scene.image)
+        union = scene.masks.any(0)
+        assert torch.equal(painted, union)
+        for obj in scene.objects:
+            colours = scene.image[:, obj.mask]
+            expected = torch.tensor(sc.COLOURS[obj.colour])
+            # every object pixel is the object's colour at full or dark shade
+            ratio = colours / expected[:, None]
+            assert torch.allclose(ratio, ratio[:1].expand_as(ratio), atol=1e-5)
+
+
+def test_caption_names_every_object_in_order(many_scenes):
+    for scene in many_scenes:
+        for obj in scene.objects:
+            assert f"{obj.colour} {obj.material} {obj.shape}" in scene.caption
+    scene = sc.make_scene(5, shapes=["circle", "square"], colours=["red", "orange"], materials=["striped", "plain"])
+    assert scene.caption == "a red striped circle and an orange plain square"
+
+
+def test_attributes_can_be_fixed():
+    scene = sc.make_scene(9, shapes=["star"], colours=["blue"], materials=["dotted"])
+    assert (scene.words, scene.colours, scene.materials) == (["star"], ["blue"], ["dotted"])
+
+
+def test_bad_attributes_are_refused_with_a_fix():
+    with pytest.raises(ValueError, match="choose from"):
+        sc.make_scene(0, shapes=["blob"])
+    with pytest.raises(ValueError, match="1 to 3"):
+        sc.make_scene(0, count=4)
+
+
+def test_every_word_is_one_clip_token(tokenizer):
+    for word in (*sc.SHAPES, *sc.COLOURS, *sc.MATERIALS):
+        assert len(word_pieces(tokenizer, word)) == 1, word
+
+
+def test_training_and_held_out_seeds_are_disjoint():
+    assert sc.held_out_seed(0, 0) >= sc.HELD_OUT_SEED_OFFSET
+    assert sc.held_out_seed(49, 7) != sc.held_out_seed(49, 8)
+
+
+@pytest.mark.parametrize("read", ["mask", "whole image"])
+def test_colour_and_material_classifiers_read_ground_truth_renders(read):
+    colour_hits = material_hits = total = 0
+    for seed in range(300):
+        scene = sc.make_scene(seed, count=1)
+        obj = scene.objects[0]
+        mask = obj.mask if read == "mask" else None
+        colour_hits += sc.classify_colour(scene.image, mask) == obj.colour
+        material_hits += sc.classify_material(scene.image, mask) == obj.material
+        total += 1
+    assert colour_hits / total == 1.0
+    assert material_hits / total >= 0.98
+
+
+def test_classifiers_see_nothing_on_a_bare_background():
+    for seed in range(20):
+        background = sc.render_background(np.random.default_rng(seed), sc.DEFAULT_SIZE)
+        assert not sc.foreground_mask(torch.from_numpy(background.transpose(2, 0, 1).copy())).any()
+    empty = torch.zeros(3, sc.DEFAULT_SIZE, sc.DEFAULT_SIZE)
+    assert sc.classify_colour(empty) is None
+    assert sc.classify_material(empty) is None
+
+
+def test_every_colour_material_pair_is_read_back():
+    for colour in sc.COLOURS:
+        for material in sc.MATERIALS:
+            scene = sc.make_scene(11, shapes=["square"], colours=[colour], materials=[material])
+            assert sc.classify_colour(scene.image) == colour
+            assert sc.classify_material(scene.image) == material
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def test_hungarian_matching_pairs_each_true_mask_with_its_best_prediction():
+    from ice_ops.toyworld.evaluate import match_masks
+
+    scene = sc.make_scene(21, count=3)
+    truth = scene.masks
+    predicted = truth.flip(0).clone()
+    predicted[0, :, :2] = False  # slightly damaged copy
+    pairs = match_masks(predicted, truth)
+    assert sorted((p, t) for p, t, _ in pairs) == [(0, 2), (1, 1), (2, 0)]
+    assert all(iou > 0.8 for _, _, iou in pairs)
+    assert match_masks(torch.zeros(0, *truth.shape[-2:], dtype=torch.bool), truth) == []
+
+
+def test_summary_counts_unmatched_objects_as_misses():
+    from ice_ops.toyworld.evaluate import SceneScore, summarise
+
+    scores = [SceneScore([1.0, 0.0], [True, False], False, [True], [False], [True])]
+    summary = summarise(scores)
+    assert summary["stage_one_miou"] == 0.5
+    assert summary["word_top1"] == 0.5
+    assert summary["count_accuracy"] == 0.0
+    assert summary["attribute_accuracy"] == 0.5
+
+
+def test_oracle_concepts_carry_the_true_words_and_masks():
+    from ice_ops.toyworld.evaluate import match_masks, oracle_concepts
+
+    scene = sc.make_scene(8)
+    concepts = oracle_concepts(scene)
+    assert [c.word for c in concepts.concepts] == scene.words
+    assert len(set(concepts.names)) == len(concepts.concepts)
+    assert all(iou == 1.0 for _, _, iou in match_masks(concepts.masks() > 0.5, scene.masks))
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_open_clip_text_tower_converts_to_an_equal_clip_text_model():
+    from ice_ops.toyworld import train
+
+    torch.manual_seed(0)
+    model = train.build_clip().eval()
+    with torch.no_grad():  # move the LayerNorms off their identity init so a swapped mapping would show
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+    encoder = train.open_clip_text_to_transformers(model)
+    prompts = [sc.make_scene(3).caption, "circle things background", ""]
+    assert train.text_tower_difference(model, encoder, prompts) < 1e-4
+    tokenizer = build_clip_tokenizer(pad_token=train.PAD_TOKEN, model_max_length=train.TEXT_CONTEXT)
+    ours = tokenizer(prompts, padding="max_length", max_length=train.TEXT_CONTEXT, return_tensors="pt").input_ids
+    assert torch.equal(ours, train.clip_tokenizer()(prompts))
+
+
+# ------------------------------------------------------------------------------------------ shipped model
+from ice_ops.toyworld import embedded_weights_present  # noqa: E402
+
+needs_weights = pytest.mark.skipif(not embedded_weights_present(), reason="the Toy World weights are not shipped")
+
+# Acceptance floors for any shipped model, well below the issue's goals (mIoU 0.85, word top-1 0.9). The first
+# CPU-trained candidate (753 UNet steps) did not localise at all (mIoU 0.001), so it was not shipped and these
+# are not yet derived from a measurement: set them from the shipped model's result, with a margin.
+FIXED_SCENE_SEED = sc.held_out_seed(0, 0)
+MIN_FIXED_SCENE_MIOU = 0.5
+MIN_FIXED_SCENE_WORD_ACCURACY = 0.5
+MAX_SHIPPED_BYTES = 50 * 1024 * 1024  # the issue's budget for the shipped weights
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from ice_ops.toyworld import embedded_bundle, embedded_retriever
+
+    return embedded_bundle(), embedded_retriever()
+
+
+@needs_weights
+def test_shipped_weights_are_fp16_load_through_the_normal_loaders_and_fit_the_budget(embedded):
+    import os
+
+    from safetensors import safe_open
+
+    from ice_ops.toyworld import WEIGHTS_DIR
+
+    bundle, retriever = embedded
+    assert bundle.native_resolution == sc.DEFAULT_SIZE
+    assert retriever.vocabulary == list(sc.SHAPES)
+    files = [os.path.join(d, f) for d, _, names in os.walk(WEIGHTS_DIR) for f in names]
+    assert sum(os.path.getsize(f) for f in files) <= MAX_SHIPPED_BYTES
+    for path in (f for f in files if f.endswith(".safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            assert all(handle.get_slice(k).get_dtype() == "F16" for k in handle.keys()), path
+
+
+@needs_weights
+def test_shipped_model_localizes_and_learns_a_fixed_scene(embedded):
+    from ice_ops.learn import learn_object_tokens
+    from ice_ops.localize import localize
+    from ice_ops.toyworld.evaluate import match_masks
+
+    bundle, retriever = embedded
+    scene = sc.make_scene(FIXED_SCENE_SEED)
+    concepts = localize(bundle, retriever, scene.image, synonym_threshold=1.0)
+    pairs = match_masks(concepts.masks() > 0.5, scene.masks)
+    ious = [0.0] * len(scene.objects)
+    words = [False] * len(scene.objects)
+    for p, t, iou in pairs:
+        ious[t] = iou
+        words[t] = concepts.concepts[p].word == scene.objects[t].shape
+    assert np.mean(ious) >= MIN_FIXED_SCENE_MIOU
+    assert np.mean(words) >= MIN_FIXED_SCENE_WORD_ACCURACY
+    learned = learn_object_tokens(bundle, scene.image, concepts, steps=10)
+    for concept in learned.concepts:
+        assert {"object", "instance"} <= set(concept.vectors)
+        assert all(torch.isfinite(v).all() for v in concept.vectors.values())
