@@ -29,6 +29,25 @@ V_PREDICTION_NORM_STD = 0.09
 SD2_V_NATIVE_SAMPLE_SIZE = 96
 
 
+# model_index.json of a diffusers Stable Diffusion folder (what DiffusersLoader and diffusers look for).
+STABLE_DIFFUSION_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+}
+
+
+def write_model_index(folder: str) -> str:
+    """Write ``model_index.json`` into a diffusers folder being saved (replacing the folder's own)."""
+    from .files import write_bytes_atomic
+
+    payload = json.dumps(STABLE_DIFFUSION_MODEL_INDEX, indent=1).encode("utf-8")
+    return write_bytes_atomic(os.path.join(folder, "model_index.json"), payload, overwrite=True)
+
+
 def unsupported_model_error(what: str) -> ValueError:
     return ValueError(f"Unsupported model: {what}. ICE supports {SUPPORTED_TEXT}; load an SD 1.5 or SD 2.1 checkpoint.")
 

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .bundle import DiffusionBundle, read_config, scheduler_config
+from .bundle import DiffusionBundle, read_config, scheduler_config, write_model_index
 from .text import END_OF_TEXT, build_clip_tokenizer
 
 TINY_TEXT_WIDTH = 32
@@ -88,22 +88,11 @@ def build_random_bundle(
 
 def save_diffusers_folder(bundle: DiffusionBundle, folder: str) -> str:
     """Write ``bundle`` as a diffusers Stable Diffusion folder (``model_index.json`` included)."""
-    import json
-
     os.makedirs(folder, exist_ok=True)
     bundle.unet.save_pretrained(os.path.join(folder, "unet"))
     bundle.vae.save_pretrained(os.path.join(folder, "vae"))
     bundle.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
     bundle.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     bundle.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
-        json.dump(index, handle, indent=1)
+    write_model_index(folder)
     return folder

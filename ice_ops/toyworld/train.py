@@ -446,7 +446,7 @@ def noun_localisation(bundle, count: int = 20) -> dict:
 def write_outputs(out: str, retriever, text_encoder, vae, unet, tokenizer, metrics: dict, plan: Plan, argv: list[str]) -> None:
     from diffusers import DDPMScheduler
 
-    from ..bundle import scheduler_config
+    from ..bundle import scheduler_config, write_model_index
 
     folder = os.path.join(out, "diffusers")
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
@@ -454,15 +454,7 @@ def write_outputs(out: str, retriever, text_encoder, vae, unet, tokenizer, metri
         module.to(torch.float32)
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     DDPMScheduler.from_config(scheduler_config("epsilon")).save_pretrained(os.path.join(folder, "scheduler"))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    _write_text(os.path.join(folder, "model_index.json"), json.dumps(index, indent=1))
+    write_model_index(folder)
     write_clip(out, retriever, CLIP_CONFIG if retriever_is_vit(retriever) else RETRIEVER_CONFIG)
     _write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
     _write_text(os.path.join(out, "MODEL_CARD.md"), model_card(metrics, plan, argv))
