@@ -38,6 +38,7 @@ FLIP_PROBABILITY = 0.5
 # The reference weighs its Wasserstein loss by 1e-5 with a cost in pixel units of a 16x16 grid; our cost is
 # in units of the grid side, so the same weight on the same map is 1e-5 * 16.
 ATTENTION_LOSS_WEIGHT = 1e-5 * 16
+MAX_TRANSPORT_GRID_SIDE = 16  # the reference's attention-loss grid (16x16 at SD 512²)
 OBJECT_TRIPLET_WEIGHT = 1.0  # reg_weight
 INTRINSIC_TRIPLET_WEIGHT = 5e-2  # reg_intrinsic_weight
 DEFAULT_ANCHORS = ("material", "colour")
@@ -74,7 +75,7 @@ class _Scene:
     latent_mean: torch.Tensor  # [2, C, h, w]: index 0 plain, 1 flipped
     latent_std: torch.Tensor
     latent_masks: torch.Tensor  # [2, K, 1, h, w]
-    attention_masks: torch.Tensor  # [2, K, gh, gw]
+    attention_masks: torch.Tensor  # [2, K, oh, ow] at the transport grid (see transport_grid)
     attention_factor: int
 
 
@@ -335,7 +336,7 @@ def _prepare_scene(bundle, image, concepts) -> _Scene:
     std = posterior.std.float() * bundle.latent_scaling
     latent_size = tuple(mean.shape[-2:])
     factor = attention_downsample_factor(bundle.unet)
-    grid = (latent_size[0] // factor, latent_size[1] // factor)
+    grid = transport_grid((latent_size[0] // factor, latent_size[1] // factor))
     masks = concepts.masks()  # [K, H, W] at image size
     masks = torch.stack([masks, masks.flip(-1)])  # [2, K, H, W]
     latent_masks = resize_soft_mask(masks, latent_size)[:, :, None].to(bundle.device)
@@ -343,12 +344,23 @@ def _prepare_scene(bundle, image, concepts) -> _Scene:
     return _Scene(mean.to(bundle.device), std.to(bundle.device), latent_masks, attention_masks, factor)
 
 
+def transport_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """The grid the Wasserstein loss is computed on: the attention grid, area-pooled by a whole factor until
+    no side exceeds the reference's 16 cells. Transport costs grow with the square of the cell count, so
+    this bounds the loss's cost on large or unusual UNets while SD at its native size keeps its 16x16."""
+    factor = max(1, math.ceil(max(grid) / MAX_TRANSPORT_GRID_SIDE))
+    return (math.ceil(grid[0] / factor), math.ceil(grid[1] / factor))
+
+
 def _concept_attention(store, grid) -> torch.Tensor:
-    """Mean over the concept's tokens of the recorded cross-attention, as ``[1, gh, gw]``."""
+    """Mean over the concept's tokens of the recorded cross-attention, area-pooled to ``grid``: ``[1, oh, ow]``."""
     if not store.cross_maps:
         raise ValueError("No cross-attention was recorded at the attention-loss resolution; the UNet layout is unusual.")
     (grid_hw, maps), = store.cross_maps.items()
-    return maps[0].float().mean(-1).reshape(1, *grid_hw)
+    attention = maps[0].float().mean(-1).reshape(1, 1, *grid_hw)
+    if tuple(grid_hw) != tuple(grid):
+        attention = torch.nn.functional.adaptive_avg_pool2d(attention, tuple(grid))
+    return attention[:, 0]
 
 
 def _token_positions(ids: torch.Tensor, token_ids: Sequence[int]) -> list[int]:

@@ -187,3 +187,12 @@ def test_intrinsic_learning_needs_phase_one_and_distinct_anchors(learned_objects
         normalise_anchors("colour, colour")
     with pytest.raises(ValueError, match="at least one"):
         normalise_anchors(" , ")
+
+
+def test_the_transport_grid_keeps_16_cells_and_pools_larger_grids():
+    from ice_ops.learn import transport_grid
+
+    assert transport_grid((16, 16)) == (16, 16)  # SD at 512²: the reference's grid
+    assert transport_grid((8, 12)) == (8, 12)
+    assert transport_grid((24, 24)) == (12, 12)  # SD 2.x-v at 768²
+    assert transport_grid((64, 48)) == (16, 12)
