@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .imaging import resize_soft_mask
+
 # Reference constants (ice_spec.md §2.6, §2.10).
 NOISE_OFFSET = 0.1  # config.py:109, noise_offset
 TIMESTEP_T_DIST = 0.5  # config.py:110, t_dist of w(t) ∝ 1 - t_dist·cos(πt/T)
@@ -94,7 +96,7 @@ def mask_to_latent(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     height, width = (int(side) for side in size)
     if height < 1 or width < 1:
         raise ValueError(f"The latent size must be positive, got {tuple(size)}.")
-    return F.interpolate(mask.float(), size=(height, width), mode="area")
+    return resize_soft_mask(mask, (height, width))
 
 
 def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
