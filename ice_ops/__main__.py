@@ -1,4 +1,4 @@
-"""Command line: ``python -m ice_ops {localize,learn,compose,export} ...`` (``--help`` on each)."""
+"""Command line: ``python -m ice_ops {demo,localize,learn,compose,export} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .localize import DIFFSEG, SEGMENTATIONS
+
     parser = argparse.ArgumentParser(
         prog="python -m ice_ops",
         description="ICE: find the objects in one image (localize), learn tokens for what they are and their "
@@ -28,6 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="only print errors and final results")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="try ICE with the embedded Toy World model (no weights to download)",
+                               description="Runs Stage One, Stage Two and compositions on a bundled Toy World "
+                               "scene with the embedded tiny model, and writes a one-page PNG sheet.")
+    demo.add_argument("--out", default="ice_demo", help="output folder (default ./ice_demo)")
+    demo.add_argument("--learn-steps", type=int, default=None,
+                      help="Stage Two steps per phase (default: the demo's, a few minutes on a CPU)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the sheet if --out already holds one")
+    demo.set_defaults(handler=run_demo)
 
     loc = commands.add_parser("localize", help="Stage One: find objects, write masks and a concept set",
                               description="Stage One: retrieve a word, segment it, remove it, repeat.")
@@ -46,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop when less than this fraction of the image is unexplained (paper: 0.05)")
     loc.add_argument("--max-concepts", type=int, default=6, help="at most this many concepts (default 6)")
     loc.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    loc.add_argument("--segmentation", default=DIFFSEG, choices=SEGMENTATIONS,
+                     help="diffseg (the paper, default) or cross-attention (for small models whose self-attention "
+                     "groups nothing, such as the Toy World model)")
     loc.add_argument("--out", required=True, help="output folder for mask_*.png, overlay.png and concepts.safetensors")
     loc.add_argument("--overwrite", action="store_true", help="replace files that already exist in --out")
     loc.set_defaults(handler=run_localize)
@@ -102,6 +118,19 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------- commands
+def run_demo(args) -> int:
+    from .toyworld.demo import DEMO_LEARN_STEPS
+    from .toyworld.demo import run_demo as run
+
+    steps = DEMO_LEARN_STEPS if args.learn_steps is None else args.learn_steps
+    if steps < 1:
+        raise ValueError("--learn-steps must be at least 1.")
+    sheet = run(args.out, learn_steps=steps, seed=args.seed, device=resolve_device(args.device),
+                overwrite=args.overwrite, progress=log.info)
+    sys.stdout.write(f"wrote: {sheet}\n")
+    return 0
+
+
 def run_localize(args) -> int:
     from .imaging import mask_to_pil, overlay_masks, tensor_to_pil
     from .localize import localize
@@ -118,7 +147,7 @@ def run_localize(args) -> int:
         log.info("localize: iteration %d of at most %d", step, total)
 
     concepts = localize(bundle, retriever, image, stop_fraction=args.stop_fraction, max_concepts=args.max_concepts,
-                        seed=args.seed, callback=report)
+                        seed=args.seed, callback=report, segmentation=args.segmentation)
     mask_names = [f"mask_{concept.name}.png" for concept in concepts.concepts]
     outputs = _plan_outputs(args.out, ["concepts.safetensors", "overlay.png", *mask_names], args.overwrite)
     for concept, name in zip(concepts.concepts, mask_names):

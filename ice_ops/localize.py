@@ -4,6 +4,10 @@ Loop: *retrieve* the word that best describes what is still unexplained in the i
 one UNet pass (DiffSeg on self-attention, labelled by cross-attention of ``"<word> things background"``),
 remove what was explained, and repeat until less than ``stop_fraction`` of the real image is left or
 ``max_concepts`` concepts were found.
+
+``segmentation="cross-attention"`` replaces DiffSeg by a threshold on the word's own cross-attention, for
+small models whose self-attention groups nothing (the Toy World UNet's is uniform to within 0.2 %, so
+DiffSeg merges the whole image into one segment). Only the word's pixels are then explained.
 """
 from __future__ import annotations
 
@@ -26,6 +30,12 @@ DEFAULT_KL_THRESHOLDS = (1.1, 1.1, 1.1)
 MIN_INSTANCE_FRACTION = 0.025
 PROMPT_FILLERS = ("things", "background")  # the segmentation prompt is "<word> things background"
 BACKGROUND_INDEX = 2  # index of "background" in (word, "things", "background")
+DIFFSEG = "diffseg"
+CROSS_ATTENTION = "cross-attention"
+SEGMENTATIONS = (DIFFSEG, CROSS_ATTENTION)
+# Cross-attention segmentation: the word's pixels are those whose (bilinearly upsampled, summed over the
+# grids) attention to the word reaches this fraction of its range above the image's minimum.
+CROSS_ATTENTION_FRACTION = 0.5
 
 Callback = Callable[[int, int, "torch.Tensor | None"], None]
 
@@ -60,9 +70,12 @@ def segment_word(
     kl_thresholds: Sequence[float] = DEFAULT_KL_THRESHOLDS,
     refine: bool = True,
     min_instance_fraction: float = MIN_INSTANCE_FRACTION,
+    segmentation: str = DIFFSEG,
 ) -> SegmentResult:
     """Segment ``word`` in ``image`` with one UNet pass. ``ignore`` ([H, W], 1 = already explained) is
-    blanked before encoding and never part of the result."""
+    blanked before encoding and never part of the result. ``segmentation``: ``"diffseg"`` (the paper) or
+    ``"cross-attention"`` (see the module notes)."""
+    check_segmentation(segmentation)
     image = to_image_tensor(image).cpu()
     height, width = image.shape[-2:]
     ignore = _check_mask(ignore, (height, width), "ignore")
@@ -80,14 +93,18 @@ def segment_word(
     with torch.no_grad():
         latent = bundle.encode_image(working, size)
         context = bundle.text_encoder(bundle.tokenize([" ".join(words)]))[0]
-        with capture_attention(bundle.unet, record_self=True, cross_positions=columns) as store:
+        with capture_attention(bundle.unet, record_self=segmentation == DIFFSEG, cross_positions=columns) as store:
             bundle.unet(latent, torch.tensor([step], device=bundle.device), encoder_hidden_states=context)
         self_maps = {grid: maps[0].float().cpu() for grid, maps in store.self_maps.items()}
         cross_maps = {grid: maps[0].float().cpu() for grid, maps in store.cross_maps.items()}
 
-    labels = diffseg(self_maps, size, kl_thresholds=tuple(kl_thresholds), refine=refine)
     cross = aggregate_cross_attention(cross_maps, size)
-    segment_to_word = label_segments(labels, cross, column_groups)
+    if segmentation == DIFFSEG:
+        labels = diffseg(self_maps, size, kl_thresholds=tuple(kl_thresholds), refine=refine)
+        segment_to_word = label_segments(labels, cross, column_groups)
+    else:
+        labels = cross_attention_labels(cross[..., column_groups[0]].mean(-1))
+        segment_to_word = {1: 0}  # segment 1 is the word; segment 0 (the rest) stays unexplained
 
     word_mask = _union(labels, [s for s, w in segment_to_word.items() if w == 0])
     removed = _union(labels, [s for s, w in segment_to_word.items() if w in (0, BACKGROUND_INDEX)])
@@ -107,6 +124,20 @@ def segment_word(
     )
 
 
+def check_segmentation(segmentation: str) -> None:
+    if segmentation not in SEGMENTATIONS:
+        raise ValueError(f"Unknown segmentation {segmentation!r}; choose one of {', '.join(SEGMENTATIONS)}.")
+
+
+def cross_attention_labels(word_map: torch.Tensor) -> torch.Tensor:
+    """``[H, W]`` segment ids from one word's attention map: 1 where the map reaches
+    ``CROSS_ATTENTION_FRACTION`` of its range above its minimum, else 0 (all 0 for a flat map)."""
+    low, high = word_map.min(), word_map.max()
+    if float(high - low) <= 0:
+        return torch.zeros(word_map.shape, dtype=torch.long)
+    return ((word_map - low) >= CROSS_ATTENTION_FRACTION * (high - low)).long()
+
+
 def localize(
     bundle,
     retriever,
@@ -118,12 +149,14 @@ def localize(
     *,
     kl_thresholds: Sequence[float] = DEFAULT_KL_THRESHOLDS,
     min_instance_fraction: float = MIN_INSTANCE_FRACTION,
-    synonym_threshold: float = 0.85,
+    synonym_threshold: float | None = None,
+    segmentation: str = DIFFSEG,
 ) -> ConceptSet:
     """Find the objects in ``image`` until at most ``stop_fraction`` of it is unexplained; returns a ConceptSet of words, scores and disjoint masks at input size.
 
     At most ``max_concepts`` retrieval iterations run, and at most ``max_concepts`` concepts are kept; the
-    loop also ends when every vocabulary word is a found word or a near-synonym of one.
+    loop also ends when every vocabulary word is a found word or a near-synonym of one (cosine at or above
+    ``synonym_threshold``; ``None`` uses the retriever's own, 0.85 as in the reference unless the retriever says).
     Everything is deterministic (no sampling happens); ``seed`` seeds torch's RNG inside a forked RNG
     state for any stochastic component a custom model may have, and is recorded in the settings.
     """
@@ -131,6 +164,7 @@ def localize(
         raise ValueError(f"stop_fraction must be in [0, 1), got {stop_fraction}; the paper uses 0.05.")
     if max_concepts < 1:
         raise ValueError(f"max_concepts must be at least 1, got {max_concepts}.")
+    check_segmentation(segmentation)
     image = to_image_tensor(image).cpu()
     if float(image.max()) <= 0:
         raise ValueError("The image is entirely black; there is nothing to localize. Load a photo with visible objects.")
@@ -162,6 +196,7 @@ def localize(
                 ignore=explained,
                 kl_thresholds=kl_thresholds,
                 min_instance_fraction=min_instance_fraction,
+                segmentation=segmentation,
             )
             for instance in result.instances[: max_concepts - len(concepts)]:
                 name = unique_name(word, (c.name for c in concepts))
@@ -179,6 +214,7 @@ def localize(
             "seed": seed,
             "kl_thresholds": list(kl_thresholds),
             "min_instance_fraction": min_instance_fraction,
+            "segmentation": segmentation,
             "retrieved_words": found_words,
             "unexplained_fraction": unexplained_fraction(explained),
         },

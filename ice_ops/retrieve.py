@@ -163,6 +163,14 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- retriever
+def _check_synonym_threshold(value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"synonym_threshold is a cosine in (0, 1], got {value!r}; use 1.0 to drop only the "
+            f"excluded words themselves, {DEFAULT_SYNONYM_THRESHOLD} (the reference) to also drop near-synonyms."
+        )
+
+
 class ClipRetriever:
     """Rank a noun vocabulary against an image with one open_clip model.
 
@@ -186,7 +194,9 @@ class ClipRetriever:
         model_key: str = "",
         template: str = DEFAULT_TEMPLATE,
         word_embeddings: torch.Tensor | None = None,
+        synonym_threshold: float = DEFAULT_SYNONYM_THRESHOLD,
     ) -> None:
+        _check_synonym_threshold(synonym_threshold)
         if not isinstance(template, str) or template.count("{}") != 1:
             raise ValueError(
                 f"The prompt template must contain '{{}}' exactly once (e.g. {DEFAULT_TEMPLATE!r}), got {template!r}."
@@ -206,6 +216,9 @@ class ClipRetriever:
         self.cache_dir = cache_dir
         self.model_key = model_key
         self.template = template
+        # This model's near-synonym cut, used when a caller gives none: a small CLIP trained on few words may
+        # place all of them close together (the Toy World CLIP ships with 1.0, excluding only found words).
+        self.synonym_threshold = float(synonym_threshold)
         self._index = {word: position for position, word in enumerate(self.vocabulary)}
         self._word_embeddings: torch.Tensor | None = None
         if word_embeddings is not None:
@@ -226,6 +239,7 @@ class ClipRetriever:
         vocabulary: str | Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         cache_dir: str | None = None,
+        synonym_threshold: float = DEFAULT_SYNONYM_THRESHOLD,
     ) -> "ClipRetriever":
         """Build from an open_clip architecture and a local ``.safetensors`` weights file; never downloads.
 
@@ -271,6 +285,7 @@ class ClipRetriever:
             load_vocabulary(vocabulary),
             cache_dir=cache_dir,
             model_key=model_key,
+            synonym_threshold=synonym_threshold,
         )
         return retriever.to(device)
 
@@ -337,14 +352,14 @@ class ClipRetriever:
         explained: torch.Tensor | None = None,
         exclude: Sequence[str] = (),
         top_k: int = DEFAULT_TOP_K,
-        synonym_threshold: float = DEFAULT_SYNONYM_THRESHOLD,
+        synonym_threshold: float | None = None,
     ) -> list[tuple[str, float]]:
         """Return up to ``top_k`` ``(word, probability)`` pairs for the still-unexplained part of ``image``.
 
         Pixels where ``explained`` (``[H, W]``, 0..1) exceeds 0.5 are blanked before encoding. Words in
         ``exclude`` (matched ignoring case; blank entries ignored; words outside the vocabulary are encoded with
         the template), and every vocabulary word whose embedding has cosine >= ``synonym_threshold`` with one of
-        them, are removed. Probabilities are a softmax of ``logit_scale * cosine`` over the remaining words,
+        them, are removed (``None``: the retriever's own ``synonym_threshold``). Probabilities are a softmax of ``logit_scale * cosine`` over the remaining words,
         so the returned scores sum to at most 1; fewer than ``top_k`` pairs come back only when fewer words remain.
         ``image`` is ``[3, H, W]`` in 0..1 (or anything :func:`ice_ops.imaging.to_image_tensor` accepts); it and
         ``explained`` are moved to the retriever's device, so CPU tensors are fine for a GPU retriever.
@@ -353,11 +368,7 @@ class ClipRetriever:
             raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}.")
         if isinstance(exclude, str):
             exclude = [exclude]
-        if not 0.0 < synonym_threshold <= 1.0:
-            raise ValueError(
-                f"synonym_threshold is a cosine in (0, 1], got {synonym_threshold}; use 1.0 to drop only the "
-                f"excluded words themselves, {DEFAULT_SYNONYM_THRESHOLD} (the reference) to also drop near-synonyms."
-            )
+        synonym_threshold = self._threshold(synonym_threshold)
         pixels = blank_explained(to_image_tensor(image).to(self.device), explained)
         if not bool((pixels > 0).any()):
             raise ValueError(
@@ -381,11 +392,17 @@ class ClipRetriever:
             for score, index in zip(best.values.tolist(), best.indices.tolist())
         ]
 
-    def remaining_words(self, exclude: Sequence[str] = (), synonym_threshold: float = DEFAULT_SYNONYM_THRESHOLD) -> int:
+    def remaining_words(self, exclude: Sequence[str] = (), synonym_threshold: float | None = None) -> int:
         """How many vocabulary words :meth:`rank` could still return with these exclusions."""
         if isinstance(exclude, str):
             exclude = [exclude]
-        return int((~self._excluded_rows(exclude, synonym_threshold)).sum())
+        return int((~self._excluded_rows(exclude, self._threshold(synonym_threshold))).sum())
+
+    def _threshold(self, given: float | None) -> float:
+        if given is None:
+            return self.synonym_threshold
+        _check_synonym_threshold(given)
+        return float(given)
 
     def _excluded_rows(self, exclude: Sequence[str], threshold: float) -> torch.Tensor:
         """Boolean ``[V]``: excluded words and their near-synonyms (cosine >= threshold with any of them)."""

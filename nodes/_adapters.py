@@ -27,6 +27,7 @@ CLIP_CLASSES = {"sd1": "SD1ClipModel", "sd2": "SD2ClipModel"}
 LATENT_CHANNELS = 4  # SD 1.x/2.x latents; 9-channel inpainting and 8-channel pix2pix UNets are not supported
 # ICE keeps the engine's weights in fp32 and autocasts on GPU (design.md, performance principles).
 BUNDLE_DTYPE = torch.float32
+DIFFUSERS_MODEL_CLASS = "diffusers"  # IceModel.model_class of models loaded from a diffusers folder
 PREVIEW_FORMAT = "JPEG"  # what ComfyUI's latent previews send (latent_preview.py)
 RGB_CHANNELS = 3
 # Label drawing for concept previews: text height as a fraction of the image height, with a floor.
@@ -37,10 +38,10 @@ MIN_LABEL_PX = 10
 @dataclass
 class IceModel:
     """What travels on an ICE_MODEL socket: the engine bundle and the ComfyUI MODEL it was copied from
-    (LoRA refinement is applied to a clone of that MODEL)."""
+    (LoRA refinement is applied to a clone of that MODEL; None for a model loaded from a diffusers folder)."""
 
     bundle: Any
-    model: Any
+    model: Any | None
     family: str
     model_class: str
 
@@ -142,6 +143,38 @@ def conditioning_from_composed(composed) -> list:
         raise ValueError(f"Pooled width {pooled.shape[-1]} differs from hidden width {hidden.shape[-1]}.")
     cond = hidden.detach().float().cpu().contiguous()
     return [[cond, {"pooled_output": pooled.detach().float().cpu().contiguous()}]]
+
+
+def composed_from_conditioning(positive: list, negative: list | None, empty_prompt, width: int):
+    """ComfyUI CONDITIONING (positive and optional negative) -> engine ComposedPrompt for ``generate``.
+
+    ``empty_prompt`` (a ComposedPrompt of the empty text) supplies the negative when none is connected.
+    ``width`` is the model's text width; conditioning of another width comes from another text encoder."""
+    hidden, pooled = _single_conditioning(positive, "positive", width)
+    if negative is None:
+        negative_hidden, negative_pooled = empty_prompt.hidden_states, empty_prompt.pooled
+    else:
+        negative_hidden, negative_pooled = _single_conditioning(negative, "negative", width)
+    return engine("compose").ComposedPrompt(hidden, pooled, negative_hidden, negative_pooled, text="", negative_text="")
+
+
+def _single_conditioning(conditioning: list, what: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(conditioning, list) or len(conditioning) != 1 or len(conditioning[0]) != 2:
+        count = len(conditioning) if isinstance(conditioning, list) else "no"
+        raise ValueError(
+            f"The {what} input must be one conditioning from Compose Concepts; got {count} entries. Connect Compose "
+            "Concepts directly, without Conditioning (Combine) or area nodes."
+        )
+    cond, extras = conditioning[0]
+    if cond.ndim != 3 or cond.shape[0] != 1 or cond.shape[-1] != width:
+        raise ValueError(
+            f"The {what} conditioning has shape {tuple(cond.shape)} but this model's text encoder gives "
+            f"[1, tokens, {width}]; encode the prompt with Compose Concepts using the same ICE model."
+        )
+    pooled = extras.get("pooled_output") if isinstance(extras, dict) else None
+    if pooled is None:  # the SD 1.x/2.x UNet does not read the pooled vector; keep the shape only
+        pooled = torch.zeros(1, width)
+    return normal_tensor(cond.float()), normal_tensor(pooled.float().reshape(1, -1))
 
 
 def split_words(text: str) -> list[str]:
@@ -299,6 +332,18 @@ def diffusers_unet_config(comfy_config: dict, family_config: dict, native_sample
         sample_size=native_sample_size,
     )
     return config
+
+
+def bundle_from_diffusers(folder: str):
+    """An ICE_MODEL from a diffusers folder (fp32, on the offload device). It has no ComfyUI MODEL, so its
+    images are sampled with the Generate Image node, and LoRA refinement cannot hand back a MODEL."""
+    import comfy.model_management as management
+
+    with torch.inference_mode(False):
+        bundle = engine("bundle").DiffusionBundle.from_pretrained(
+            folder, device=management.unet_offload_device(), dtype=BUNDLE_DTYPE
+        )
+    return IceModel(bundle=bundle, model=None, family=bundle.family, model_class=DIFFUSERS_MODEL_CLASS)
 
 
 def bundle_from_comfy(model, clip, vae, working_resolution: int = 0):

@@ -3,7 +3,9 @@
 - ``models/ice``: retriever weights (.safetensors), extra open_clip architectures (<name>.json) and
   vocabularies (.txt);
 - ``models/ice_concepts``: concept sets written by Save Concepts;
-- retriever weights are also listed from ``models/clip`` (ComfyUI's ``text_encoders`` folder list).
+- retriever weights are also listed from ``models/clip`` (ComfyUI's ``text_encoders`` folder list);
+- diffusers folders are listed from ComfyUI's ``models/diffusers``;
+- the embedded Toy World model and CLIP (shipped in the pack) come first in their lists.
 More folders can be added with ComfyUI's extra_model_paths.yaml under the keys ``ice`` and ``ice_concepts``.
 """
 from __future__ import annotations
@@ -13,11 +15,13 @@ import os
 import folder_paths
 
 from ._engine import engine
-from ._spec import BUILTIN_VOCABULARY
+from ._spec import BUILTIN_VOCABULARY, TOYWORLD_MODEL
 
 ICE_FOLDER = "ice"
 CONCEPTS_FOLDER = "ice_concepts"
 CLIP_FOLDER = "clip"  # ComfyUI maps it to text_encoders: models/text_encoders and models/clip
+DIFFUSERS_FOLDER = "diffusers"  # ComfyUI's models/diffusers
+DIFFUSERS_INDEX = "model_index.json"  # what marks a folder as a diffusers pipeline
 WEIGHTS_EXTENSION = ".safetensors"  # only safetensors are read from user files (no pickles)
 CONFIG_EXTENSION = ".json"
 VOCABULARY_EXTENSION = ".txt"
@@ -42,8 +46,13 @@ def _files(folder: str, extension: str) -> list[str]:
     return [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(extension)]
 
 
+def toyworld_present() -> bool:
+    return engine("toyworld").embedded_weights_present()
+
+
 def retriever_weights() -> list[str]:
-    names = _files(ICE_FOLDER, WEIGHTS_EXTENSION)
+    names = [TOYWORLD_MODEL] if toyworld_present() else []
+    names += _files(ICE_FOLDER, WEIGHTS_EXTENSION)
     names += [n for n in _files(CLIP_FOLDER, WEIGHTS_EXTENSION) if n not in names]
     return names
 
@@ -54,6 +63,32 @@ def weights_path(name: str) -> str:
         if path is not None:
             return path
     raise ValueError(f"Retriever weights {name!r} were not found in models/ice or models/clip; refresh the node list.")
+
+
+def diffusers_folders() -> list[str]:
+    """The embedded Toy World model, then every folder under models/diffusers holding a model_index.json."""
+    names = [TOYWORLD_MODEL] if toyworld_present() else []
+    for root in folder_paths.get_folder_paths(DIFFUSERS_FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.listdir(root)):
+            if os.path.isfile(os.path.join(root, entry, DIFFUSERS_INDEX)) and entry not in names:
+                names.append(entry)
+    return names
+
+
+def diffusers_folder_path(name: str) -> str:
+    """The folder of a listed diffusers model (the embedded one included)."""
+    if name == TOYWORLD_MODEL:
+        return engine("toyworld").DIFFUSERS_FOLDER
+    for root in folder_paths.get_folder_paths(DIFFUSERS_FOLDER):
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, DIFFUSERS_INDEX)):
+            return path
+    raise ValueError(
+        f"Diffusers model {name!r} was not found in models/diffusers (a folder with a {DIFFUSERS_INDEX}); "
+        "refresh the node list."
+    )
 
 
 def architecture_configs() -> dict[str, str]:

@@ -24,6 +24,7 @@ _OPTION_SOURCES: dict[str, Callable[[], list[str]]] = {
     "retriever_architectures": _folders.retriever_architectures,
     "vocabularies": _folders.vocabularies,
     "concept_sets": _folders.concept_sets,
+    "diffusers_folders": _folders.diffusers_folders,
 }
 
 

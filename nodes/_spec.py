@@ -30,7 +30,11 @@ OPTIONS_RETRIEVER_WEIGHTS = "retriever_weights"
 OPTIONS_RETRIEVER_ARCHITECTURES = "retriever_architectures"
 OPTIONS_VOCABULARIES = "vocabularies"
 OPTIONS_CONCEPT_SETS = "concept_sets"
+OPTIONS_DIFFUSERS_FOLDERS = "diffusers_folders"
 BUILTIN_VOCABULARY = "built-in nouns"
+# The tiny model trained on Toy World scenes that ships inside the pack (ice_ops/toyworld/weights): listed
+# first by Load Diffusers Model and Load CLIP Retriever so ICE can be tried with nothing downloaded.
+TOYWORLD_MODEL = "Toy World (embedded)"
 
 # Engine defaults repeated here so this module stays import-free; tests/test_nodes_spec.py checks them
 # against ice_ops (localize.DEFAULT_STOP_FRACTION, DEFAULT_MAX_CONCEPTS, learn.DEFAULT_STEPS, DEFAULT_LR,
@@ -41,6 +45,15 @@ DEFAULT_STEPS = 400
 DEFAULT_LR = 5e-4
 DEFAULT_ANCHORS = "material, colour"
 DEFAULT_TOP_K = 5
+# Sampling defaults of Generate, repeated from ice_ops.compose.generate (checked by tests/test_nodes_spec.py).
+DEFAULT_SAMPLE_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+MAX_SAMPLE_STEPS = 1000
+MAX_GUIDANCE = 30.0
+SAMPLERS = ("dpm++", "ddim", "euler")  # ice_ops.compose.SCHEDULERS
+SEGMENTATIONS = ("diffseg", "cross-attention")  # ice_ops.localize.SEGMENTATIONS, the paper's first
+# Toy World scene picker: held-out scene indices (ice_ops.toyworld.scenes.held_out_seed), never trained on.
+MAX_TOYWORLD_SCENE = 99_999
 # Working resolution widget: SD 1.x/2.x sizes are multiples of 64 (VAE /8 x UNet /8); 2048 is 4x SD 1.5's.
 WORKING_RESOLUTION_STEP = 64
 MAX_WORKING_RESOLUTION = 2048
@@ -106,6 +119,16 @@ def _seed(tooltip: str) -> InputSpec:
     return InputSpec("seed", "INT", tooltip, default=0, min=0, max=MAX_SEED, control_after_generate=True)
 
 
+def _segmentation() -> InputSpec:
+    return InputSpec(
+        "segmentation", "COMBO",
+        "diffseg (the paper): group the pixels by self-attention, then name each group by cross-attention. "
+        "cross-attention: keep the pixels that attend most to the word; for small models whose self-attention "
+        "groups nothing, such as the embedded Toy World model.",
+        default=SEGMENTATIONS[0], options=SEGMENTATIONS,
+    )
+
+
 _IMAGE_ONE = "The image to work on. Give exactly one image (a batch of several stops the node)."
 _ICE_MODEL_IN = "The Stable Diffusion model prepared by Load ICE Model."
 _CONCEPTS_IN = "The concept set: words and masks from Localize Concepts, or one loaded with Load Concepts."
@@ -145,13 +168,16 @@ NODES: tuple[NodeSpec, ...] = (
         inputs=(
             InputSpec(
                 "weights", "COMBO",
-                "open_clip weights (.safetensors) found in models/ice and models/clip.",
+                "open_clip weights (.safetensors) found in models/ice and models/clip. 'Toy World (embedded)' is "
+                "the tiny CLIP shipped with ICE; it brings its own architecture and, with the built-in vocabulary, "
+                "the Toy World shape words.",
                 options_from=OPTIONS_RETRIEVER_WEIGHTS,
             ),
             InputSpec(
                 "architecture", "COMBO",
                 "The open_clip architecture the weights belong to (ViT-L-14 for OpenAI CLIP-L, ViT-H-14 for "
-                "OpenCLIP-H). A <name>.json open_clip config in models/ice adds an architecture.",
+                "OpenCLIP-H). A <name>.json open_clip config in models/ice adds an architecture. Not used with "
+                "the embedded Toy World CLIP.",
                 options_from=OPTIONS_RETRIEVER_ARCHITECTURES,
             ),
             InputSpec(
@@ -162,6 +188,47 @@ NODES: tuple[NodeSpec, ...] = (
             ),
         ),
         outputs=(OutputSpec("retriever", ICE_RETRIEVER, "The loaded retriever."),),
+    ),
+    NodeSpec(
+        node_id="ICE_LoadDiffusersModel",
+        display_name="Load Diffusers Model",
+        category=CATEGORY_IO,
+        description=(
+            "Loads a Stable Diffusion model saved as a diffusers folder (models/diffusers) for the ICE nodes. "
+            "'Toy World (embedded)', listed first, is the tiny model shipped with ICE: try the whole pipeline on "
+            "Toy World scenes with nothing downloaded. Sample from it with Generate Image (KSampler needs a "
+            "checkpoint's MODEL)."
+        ),
+        inputs=(
+            InputSpec(
+                "folder", "COMBO",
+                "A diffusers folder in models/diffusers (one with a model_index.json), or the embedded Toy World "
+                "model.",
+                default=TOYWORLD_MODEL, options_from=OPTIONS_DIFFUSERS_FOLDERS,
+            ),
+        ),
+        outputs=(OutputSpec("ice_model", ICE_MODEL, "The model in the form the ICE nodes use."),),
+    ),
+    NodeSpec(
+        node_id="ICE_ToyWorldScene",
+        display_name="Toy World Scene",
+        category=CATEGORY_IO,
+        description=(
+            "Draws a Toy World scene: one to three coloured, patterned shapes on a textured background, the kind "
+            "of image the embedded Toy World model knows. Every scene index gives the same picture on every "
+            "machine, and none was seen in training."
+        ),
+        inputs=(
+            InputSpec(
+                "scene", "INT", "Which held-out scene to draw (0, 1, 2, ...).", default=3, min=0,
+                max=MAX_TOYWORLD_SCENE,
+            ),
+        ),
+        outputs=(
+            OutputSpec("image", "IMAGE", "The scene (64x64 pixels, the toy model's native size)."),
+            OutputSpec("caption", "STRING", "What the scene shows, for example 'a blue striped square'."),
+            OutputSpec("masks", "MASK", "The true mask of each object, in caption order."),
+        ),
     ),
     NodeSpec(
         node_id="ICE_ConceptRetrieve",
@@ -205,6 +272,7 @@ NODES: tuple[NodeSpec, ...] = (
                 "Optional: regions to leave out (white = ignore). Same size as the image.",
                 optional=True,
             ),
+            _segmentation(),
         ),
         outputs=(
             OutputSpec("mask", "MASK", "Where the word is (white), at image size."),
@@ -232,6 +300,7 @@ NODES: tuple[NodeSpec, ...] = (
                 "max_concepts", "INT", "The most concepts to find.", default=DEFAULT_MAX_CONCEPTS, min=1, max=32
             ),
             _seed("Seed recorded with the concepts (localization itself does not sample)."),
+            _segmentation(),
         ),
         outputs=(
             OutputSpec("concepts", ICE_CONCEPTS, "Words and masks of the objects found."),
@@ -324,6 +393,45 @@ NODES: tuple[NodeSpec, ...] = (
             ),
         ),
         outputs=(OutputSpec("conditioning", "CONDITIONING", "Conditioning for KSampler, like CLIP Text Encode's."),),
+    ),
+    NodeSpec(
+        node_id="ICE_Generate",
+        display_name="Generate Image",
+        category=CATEGORY_COMPOSE,
+        description=(
+            "Samples an image from an ICE model with classifier-free guidance. Use it with models from Load "
+            "Diffusers Model (such as the embedded Toy World model), which have no MODEL for KSampler; connect "
+            "Compose Concepts to positive."
+        ),
+        inputs=(
+            InputSpec("ice_model", ICE_MODEL, _ICE_MODEL_IN),
+            InputSpec("positive", "CONDITIONING", "What to draw: the output of Compose Concepts."),
+            InputSpec(
+                "negative", "CONDITIONING",
+                "Optional: what to avoid, from Compose Concepts with the same model. Without it the empty prompt "
+                "is used, as in training.",
+                optional=True,
+            ),
+            _seed("Seed of the starting noise; the same seed gives the same image."),
+            InputSpec("steps", "INT", "Sampling steps.", default=DEFAULT_SAMPLE_STEPS, min=1, max=MAX_SAMPLE_STEPS),
+            InputSpec(
+                "cfg", "FLOAT", "Classifier-free guidance scale: higher follows the prompt more closely.",
+                default=DEFAULT_GUIDANCE, min=1.0, max=MAX_GUIDANCE, step=0.1,
+            ),
+            InputSpec(
+                "sampler", "COMBO", "The diffusers sampler: dpm++ (DPM-Solver++ multistep), ddim or euler.",
+                default=SAMPLERS[0], options=SAMPLERS,
+            ),
+            InputSpec(
+                "width", "INT", "Image width in pixels; 0 uses the model's native size.",
+                default=0, min=0, max=MAX_WORKING_RESOLUTION, step=8,
+            ),
+            InputSpec(
+                "height", "INT", "Image height in pixels; 0 uses the model's native size.",
+                default=0, min=0, max=MAX_WORKING_RESOLUTION, step=8,
+            ),
+        ),
+        outputs=(OutputSpec("image", "IMAGE", "The generated image."),),
     ),
     NodeSpec(
         node_id="ICE_SaveConcepts",

@@ -4,21 +4,25 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from ._folders import register_folders
-from .compose_nodes import ComposeConcepts
+from .compose_nodes import ComposeConcepts, Generate
 from .io_nodes import LoadConcepts, PreviewConcepts, SaveConcepts
 from .learn_nodes import LearnIntrinsicTokens, LearnObjectTokens
 from .localize_nodes import AttentionSegment, ConceptRetrieve, IterativeLocalize
-from .model_nodes import LoadCLIPRetriever, LoadICEModel
+from .model_nodes import LoadCLIPRetriever, LoadDiffusersModel, LoadICEModel
+from .toyworld_nodes import ToyWorldScene
 
 NODE_CLASSES: tuple[type[io.ComfyNode], ...] = (
     LoadICEModel,
+    LoadDiffusersModel,
     LoadCLIPRetriever,
+    ToyWorldScene,
     ConceptRetrieve,
     AttentionSegment,
     IterativeLocalize,
     LearnObjectTokens,
     LearnIntrinsicTokens,
     ComposeConcepts,
+    Generate,
     SaveConcepts,
     LoadConcepts,
     PreviewConcepts,

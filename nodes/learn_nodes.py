@@ -38,6 +38,11 @@ class LearnIntrinsicTokens(io.ComfyNode):
         words = split_words(anchors)
         if not words:
             raise ValueError("Type at least one anchor, for example 'material, colour'.")
+        if refine_steps > 0 and ice_model.model is None:
+            raise ValueError(
+                "LoRA refinement needs a checkpoint's MODEL to apply the LoRA to, and this ICE model was loaded from "
+                "a diffusers folder; set refine_steps to 0, or load the model with Load Checkpoint + Load ICE Model."
+            )
         with engine_session(ice_model.bundle):
             learned = engine("learn").learn_intrinsic_tokens(
                 ice_model.bundle, picture, concepts, anchors=tuple(words), steps=steps, refine_steps=refine_steps,

@@ -41,11 +41,13 @@ class AttentionSegment(io.ComfyNode):
         return schema("ICE_AttentionSegment")
 
     @classmethod
-    def execute(cls, ice_model, image, word: str, ignore_mask=None) -> io.NodeOutput:
+    def execute(cls, ice_model, image, word: str, segmentation: str = "diffseg", ignore_mask=None) -> io.NodeOutput:
         picture = image_to_engine(image)
         ignore = mask_to_engine(ignore_mask, tuple(picture.shape[-2:]), "ignore_mask")
         with engine_session(ice_model.bundle):
-            result = engine("localize").segment_word(ice_model.bundle, picture, word.strip(), ignore=ignore)
+            result = engine("localize").segment_word(
+                ice_model.bundle, picture, word.strip(), ignore=ignore, segmentation=segmentation
+            )
         mask = result.mask.float().cpu()[None]
         overlay = labelled_overlay(picture, mask, [result.word])
         return io.NodeOutput(masks_from_engine(mask, tuple(picture.shape[-2:])), image_from_engine(overlay))
@@ -57,12 +59,15 @@ class IterativeLocalize(io.ComfyNode):
         return schema("ICE_IterativeLocalize")
 
     @classmethod
-    def execute(cls, ice_model, retriever, image, stop_fraction: float, max_concepts: int, seed: int) -> io.NodeOutput:
+    def execute(
+        cls, ice_model, retriever, image, stop_fraction: float, max_concepts: int, seed: int,
+        segmentation: str = "diffseg",
+    ) -> io.NodeOutput:
         picture = image_to_engine(image)
         with engine_session(ice_model.bundle, retriever):
             concepts = engine("localize").localize(
                 ice_model.bundle, retriever, picture, stop_fraction=stop_fraction, max_concepts=max_concepts,
-                seed=seed, callback=ProgressReporter(),
+                seed=seed, callback=ProgressReporter(), segmentation=segmentation,
             )
         masks = concepts.masks()
         preview = labelled_overlay(picture, masks, concepts.names)

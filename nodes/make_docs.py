@@ -17,6 +17,7 @@ from ._spec import (
     NODES,
     OPTIONS_CONCEPT_SETS,
     OPTIONS_RETRIEVER_ARCHITECTURES,
+    OPTIONS_DIFFUSERS_FOLDERS,
     OPTIONS_RETRIEVER_WEIGHTS,
     OPTIONS_VOCABULARIES,
     InputSpec,
@@ -27,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES_MD = os.path.join(ROOT, "NODES.md")
 DOC_ORDER = (CATEGORY_IO, CATEGORY_LOCALIZE, CATEGORY_LEARN, CATEGORY_COMPOSE)  # the order a user meets them
 OPTION_SOURCES = {
-    OPTIONS_RETRIEVER_WEIGHTS: ".safetensors files in models/ice and models/clip",
+    OPTIONS_RETRIEVER_WEIGHTS: "the embedded Toy World CLIP, then .safetensors files in models/ice and models/clip",
+    OPTIONS_DIFFUSERS_FOLDERS: "the embedded Toy World model, then diffusers folders in models/diffusers",
     OPTIONS_RETRIEVER_ARCHITECTURES: "supported open_clip architectures and models/ice/*.json configs",
     OPTIONS_VOCABULARIES: "built-in nouns, or .txt files in models/ice",
     OPTIONS_CONCEPT_SETS: ".safetensors files in models/ice_concepts",

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._spec import NODE_BY_ID, NodeSpec, node_spec, widget_value_count
+from ._spec import BUILTIN_VOCABULARY, NODE_BY_ID, TOYWORLD_MODEL, NodeSpec, node_spec, widget_value_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_FOLDER = os.path.join(ROOT, "workflows")
@@ -33,6 +33,13 @@ RETRIEVER_ARCHITECTURE = "ViT-L-14-quickgelu"
 CONCEPT_SET_NAME = "my_concepts"
 COMPOSE_PROMPT = "a photo of a [vase.object] made of [vase.material]"
 NEGATIVE_PROMPT = "blurry, low quality"
+# The Toy World demo: a held-out scene (a blue striped square, a pink checked cross and an orange striped
+# triangle; ice_ops.toyworld.demo.DEMO_SCENE_SEED), short Stage Two runs, and a colour swap onto another shape.
+TOYWORLD_SCENE = 3
+TOYWORLD_LEARN_STEPS = 100
+TOYWORLD_PROMPT = "a circle in [square.colour]"
+TOYWORLD_MAX_OBJECTS = 3  # ice_ops.toyworld.scenes.MAX_OBJECTS
+TOYWORLD_SEGMENTATION = "cross-attention"  # ice_ops.toyworld.SEGMENTATION: the toy UNet's self-attention is uniform
 SEED_CONTROL = "fixed"  # value stored after a seed widget in UI format
 IMAGE_UPLOAD_VALUE = "image"  # value stored after LoadImage's image widget
 
@@ -66,14 +73,22 @@ def _loader_steps() -> list[Step]:
     ]
 
 
+def _retriever_step(step_id: int, weights: str, column: int, row: int) -> Step:
+    widgets = {"weights": weights, "architecture": RETRIEVER_ARCHITECTURE, "vocabulary": BUILTIN_VOCABULARY}
+    return Step(step_id, "ICE_LoadCLIPRetriever", widgets, column=column, row=row)
+
+
+def _localize_step(step_id: int, model: int, retriever: int, image: int, column: int, row: int, **widgets) -> Step:
+    defaults = {"stop_fraction": 0.05, "max_concepts": 6, "seed": 0, "segmentation": "diffseg"}
+    return Step(step_id, "ICE_IterativeLocalize", {**defaults, **widgets},
+                {"ice_model": (model, 0), "retriever": (retriever, 0), "image": (image, 0)}, column, row)
+
+
 def _extract_steps() -> list[Step]:
     return [
         Step(2, "LoadImage", {"image": IMAGE}, column=0, row=1),
-        Step(4, "ICE_LoadCLIPRetriever",
-             {"weights": RETRIEVER_WEIGHTS, "architecture": RETRIEVER_ARCHITECTURE, "vocabulary": "built-in nouns"},
-             column=0, row=2),
-        Step(5, "ICE_IterativeLocalize", {"stop_fraction": 0.05, "max_concepts": 6, "seed": 0},
-             {"ice_model": (3, 0), "retriever": (4, 0), "image": (2, 0)}, 1, 1),
+        _retriever_step(4, RETRIEVER_WEIGHTS, column=0, row=2),
+        _localize_step(5, model=3, retriever=4, image=2, column=1, row=1),
         Step(6, "ICE_PreviewConcepts", {}, {"image": (2, 0), "concepts": (5, 0)}, 1, 2),
         Step(7, "ICE_LearnObjectTokens", {"steps": 400, "learning_rate": 5e-4, "seed": 0},
              {"ice_model": (3, 0), "image": (2, 0), "concepts": (5, 0)}, 2, 0),
@@ -100,6 +115,27 @@ def _sampling_steps(first: int, model: tuple[int, int], concepts: tuple[int, int
     ]
 
 
+def _toyworld_steps() -> list[Step]:
+    """The whole pipeline on the embedded Toy World model: nothing to download, minutes on a CPU."""
+    learn = {"steps": TOYWORLD_LEARN_STEPS, "learning_rate": 5e-4, "seed": 0}
+    return [
+        Step(1, "ICE_LoadDiffusersModel", {"folder": TOYWORLD_MODEL}, column=0, row=0),
+        Step(2, "ICE_ToyWorldScene", {"scene": TOYWORLD_SCENE}, column=0, row=1),
+        _retriever_step(3, TOYWORLD_MODEL, column=0, row=2),
+        _localize_step(4, model=1, retriever=3, image=2, column=1, row=0, max_concepts=TOYWORLD_MAX_OBJECTS,
+                       segmentation=TOYWORLD_SEGMENTATION),
+        Step(5, "ICE_PreviewConcepts", {}, {"image": (2, 0), "concepts": (4, 0)}, 1, 1),
+        Step(6, "ICE_LearnObjectTokens", learn, {"ice_model": (1, 0), "image": (2, 0), "concepts": (4, 0)}, 2, 0),
+        Step(7, "ICE_LearnIntrinsicTokens", {"anchors": "material, colour", "refine_steps": 0, **learn},
+             {"ice_model": (1, 0), "image": (2, 0), "concepts": (6, 0)}, 2, 1),
+        Step(8, "ICE_ComposeConcepts", {"prompt": TOYWORLD_PROMPT}, {"ice_model": (1, 0), "concepts": (7, 0)}, 3, 0),
+        Step(9, "ICE_Generate",
+             {"seed": 0, "steps": 25, "cfg": 7.5, "sampler": "dpm++", "width": 0, "height": 0},
+             {"ice_model": (1, 0), "positive": (8, 0)}, 3, 1),
+        Step(10, "SaveImage", {"filename_prefix": "ice_toyworld"}, {"images": (9, 0)}, 3, 2),
+    ]
+
+
 def workflows() -> dict[str, list[Step]]:
     compose = _loader_steps() + [Step(2, "ICE_LoadConcepts", {"concept_set": CONCEPT_SET_NAME + ".safetensors"},
                                       column=0, row=1)]
@@ -109,6 +145,7 @@ def workflows() -> dict[str, list[Step]]:
         "ice_extract_concepts": _loader_steps() + _extract_steps(),
         "ice_compose": compose,
         "ice_full_pipeline": full,
+        "ice_toyworld_demo": _toyworld_steps(),
     }
 
 

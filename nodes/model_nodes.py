@@ -1,4 +1,4 @@
-"""Loaders: the checkpoint's models for ICE, and the CLIP retriever."""
+"""Loaders: the checkpoint's or a diffusers folder's models for ICE, and the CLIP retriever."""
 from __future__ import annotations
 
 import comfy.model_management
@@ -6,9 +6,10 @@ import torch
 from comfy_api.latest import io
 
 from . import _folders
-from ._adapters import bundle_from_comfy
+from ._adapters import bundle_from_comfy, bundle_from_diffusers
 from ._engine import engine
 from ._schema import schema
+from ._spec import TOYWORLD_MODEL
 
 
 class LoadICEModel(io.ComfyNode):
@@ -21,6 +22,16 @@ class LoadICEModel(io.ComfyNode):
         return io.NodeOutput(bundle_from_comfy(model, clip, vae, working_resolution))
 
 
+class LoadDiffusersModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema("ICE_LoadDiffusersModel")
+
+    @classmethod
+    def execute(cls, folder: str) -> io.NodeOutput:
+        return io.NodeOutput(bundle_from_diffusers(_folders.diffusers_folder_path(folder)))
+
+
 class LoadCLIPRetriever(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -29,12 +40,15 @@ class LoadCLIPRetriever(io.ComfyNode):
     @classmethod
     def execute(cls, weights: str, architecture: str, vocabulary: str) -> io.NodeOutput:
         vocabulary_file = _folders.vocabulary_path(vocabulary)
+        device = comfy.model_management.unet_offload_device()
         with torch.inference_mode(False):  # the word table is computed later, inside an engine session
+            if weights == TOYWORLD_MODEL:
+                return io.NodeOutput(engine("toyworld").embedded_retriever(device, vocabulary=vocabulary_file))
             retriever = engine("retrieve").ClipRetriever.from_pretrained(
                 _folders.architecture_argument(architecture),
                 _folders.weights_path(weights),
                 vocabulary=vocabulary_file,
-                device=comfy.model_management.unet_offload_device(),
+                device=device,
                 cache_dir=_folders.cache_folder(),
             )
         return io.NodeOutput(retriever)

@@ -161,6 +161,40 @@ def test_conditioning_refuses_mismatched_widths():
         A.conditioning_from_composed(SimpleNamespace(hidden_states=torch.rand(2, 77, 768), pooled=torch.rand(2, 768)))
 
 
+def _empty_prompt(width: int = 128):
+    return SimpleNamespace(hidden_states=torch.full((1, 77, width), 7.0), pooled=torch.full((1, width), 7.0))
+
+
+def test_conditioning_round_trips_into_an_engine_prompt_for_generate():
+    positive = A.conditioning_from_composed(SimpleNamespace(hidden_states=torch.rand(1, 77, 128), pooled=torch.rand(1, 128)))
+    negative = A.conditioning_from_composed(SimpleNamespace(hidden_states=torch.rand(1, 77, 128), pooled=torch.rand(1, 128)))
+    prompt = A.composed_from_conditioning(positive, negative, _empty_prompt(), width=128)
+    assert torch.equal(prompt.hidden_states, positive[0][0]) and torch.equal(prompt.pooled, positive[0][1]["pooled_output"])
+    assert torch.equal(prompt.negative_hidden_states, negative[0][0])
+    assert prompt.hidden_states.requires_grad is False and not prompt.hidden_states.is_inference()
+
+
+def test_without_a_negative_the_empty_prompt_is_used():
+    positive = [[torch.rand(1, 77, 128), {}]]
+    prompt = A.composed_from_conditioning(positive, None, _empty_prompt(), width=128)
+    assert torch.equal(prompt.negative_hidden_states, _empty_prompt().hidden_states)
+    assert prompt.pooled.shape == (1, 128)
+
+
+def test_conditioning_of_another_text_encoder_is_refused_with_the_fix():
+    sd15 = [[torch.rand(1, 77, 768), {"pooled_output": torch.rand(1, 768)}]]
+    with pytest.raises(ValueError, match="Compose Concepts using the same ICE model"):
+        A.composed_from_conditioning(sd15, None, _empty_prompt(), width=128)
+    with pytest.raises(ValueError, match="negative"):
+        A.composed_from_conditioning([[torch.rand(1, 77, 128), {}]], sd15, _empty_prompt(), width=128)
+
+
+def test_combined_conditioning_is_refused():
+    two = [[torch.rand(1, 77, 128), {}], [torch.rand(1, 77, 128), {}]]
+    with pytest.raises(ValueError, match="got 2 entries"):
+        A.composed_from_conditioning(two, None, _empty_prompt(), width=128)
+
+
 # ---------------------------------------------------------------------- text and pictures
 def test_split_words():
     assert A.split_words(" vase, table\nwall ,, ") == ["vase", "table", "wall"]

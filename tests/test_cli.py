@@ -26,7 +26,7 @@ def scene_file(tmp_path_factory):
 def test_help_explains_every_flag():
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"localize", "learn", "compose", "export"}
+    assert set(subcommands) == {"demo", "localize", "learn", "compose", "export"}
     for name, sub in subcommands.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
@@ -82,3 +82,9 @@ def test_user_errors_exit_with_a_message(tmp_path, capsys):
         main(["export", str(tmp_path / "missing.safetensors"), "--embeddings-dir", str(tmp_path)])
     assert stop.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_steps_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--learn-steps", "0", "--out", "unused"])
+    assert stopped.value.code == 2 and "--learn-steps must be at least 1" in capsys.readouterr().err

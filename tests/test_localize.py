@@ -158,3 +158,30 @@ def test_user_errors(tiny_bundle, tiny_retriever):
         segment_word(tiny_bundle, _image(), "two words")
     with pytest.raises(ValueError, match="mask"):
         segment_word(tiny_bundle, _image(), "ball", ignore=torch.zeros(10, 10))
+
+
+# ---------------------------------------------------------------------- cross-attention segmentation
+def test_cross_attention_labels_keep_the_upper_part_of_the_word_map():
+    word_map = torch.tensor([[0.0, 0.2, 0.49], [0.5, 0.8, 1.0]]) * 3 + 1
+    labels = localize_module.cross_attention_labels(word_map)
+    assert labels.tolist() == [[0, 0, 0], [1, 1, 1]]
+    assert not localize_module.cross_attention_labels(torch.full((4, 4), 0.25)).any()
+
+
+def test_cross_attention_segmentation_explains_only_the_word(tiny_bundle):
+    result = segment_word(tiny_bundle, _image(), "ball", segmentation="cross-attention")
+    assert result.mask.shape == (64, 64)
+    assert torch.equal(result.removed, result.mask)  # no background segment: the rest stays unexplained
+    assert set(result.labels.unique().tolist()) <= {0, 1}
+    assert 0 < float(result.mask.mean()) < 1
+    assert set(result.segment_words.values()) == {"ball"}
+
+
+def test_localize_records_the_segmentation_and_refuses_unknown_ones(tiny_bundle, tiny_retriever):
+    concepts = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, segmentation="cross-attention")
+    assert concepts.settings["segmentation"] == "cross-attention"
+    assert len(concepts) >= 1 and float(concepts.masks().sum(0).max()) <= 1.0
+    with pytest.raises(ValueError, match="diffseg, cross-attention"):
+        localize(tiny_bundle, tiny_retriever, _image(), segmentation="kmeans")
+    with pytest.raises(ValueError, match="Unknown segmentation"):
+        segment_word(tiny_bundle, _image(), "ball", segmentation="")

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSION_NODES = {
     "LoadICEModel", "LoadCLIPRetriever", "ConceptRetrieve", "AttentionSegment", "IterativeLocalize",
     "LearnObjectTokens", "LearnIntrinsicTokens", "ComposeConcepts", "SaveConcepts", "LoadConcepts",
-    "PreviewConcepts",
+    "PreviewConcepts", "LoadDiffusersModel", "Generate", "ToyWorldScene",
 }
 TRAINING_NODES = {"ICE_LearnObjectTokens", "ICE_LearnIntrinsicTokens"}
 KNOWN_SOCKETS = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "CONDITIONING", *WIDGET_TYPES, *CUSTOM_TYPES}
@@ -86,6 +86,11 @@ def test_design_table_sockets():
     assert [o.type for o in node["ICE_ComposeConcepts"].outputs] == ["CONDITIONING"]
     assert [o.type for o in node["ICE_AttentionSegment"].outputs] == ["MASK", "IMAGE"]
     assert node["ICE_SaveConcepts"].output_node and node["ICE_PreviewConcepts"].output_node
+    assert [o.type for o in node["ICE_LoadDiffusersModel"].outputs] == ["ICE_MODEL"]
+    assert [i.type for i in node["ICE_Generate"].sockets] == ["ICE_MODEL", "CONDITIONING", "CONDITIONING"]
+    assert node["ICE_Generate"].input("negative").optional
+    assert [o.type for o in node["ICE_Generate"].outputs] == ["IMAGE"]
+    assert [o.type for o in node["ICE_ToyWorldScene"].outputs] == ["IMAGE", "STRING", "MASK"]
 
 
 def test_spec_defaults_are_the_engine_defaults():
@@ -97,6 +102,35 @@ def test_spec_defaults_are_the_engine_defaults():
     assert _spec.DEFAULT_LR == learn.DEFAULT_LR
     assert tuple(w.strip() for w in _spec.DEFAULT_ANCHORS.split(",")) == tuple(learn.DEFAULT_ANCHORS)
     assert _spec.DEFAULT_TOP_K == retrieve.DEFAULT_TOP_K
+
+
+def test_generate_defaults_and_samplers_are_the_engines():
+    import inspect
+
+    from ice_ops import compose
+
+    parameters = inspect.signature(compose.generate).parameters
+    assert _spec.DEFAULT_SAMPLE_STEPS == parameters["steps"].default
+    assert _spec.DEFAULT_GUIDANCE == parameters["guidance"].default
+    assert _spec.SAMPLERS == compose.SCHEDULERS
+    assert _spec.NODE_BY_ID["ICE_Generate"].input("sampler").default == parameters["scheduler"].default
+
+
+def test_segmentation_choices_are_the_engines_with_the_paper_first():
+    from ice_ops import localize
+
+    assert _spec.SEGMENTATIONS == localize.SEGMENTATIONS and _spec.SEGMENTATIONS[0] == localize.DIFFSEG
+    for node_id in ("ICE_AttentionSegment", "ICE_IterativeLocalize"):
+        assert _spec.NODE_BY_ID[node_id].input("segmentation").default == localize.DIFFSEG
+
+
+def test_toyworld_scene_range_stays_in_the_held_out_seeds():
+    from ice_ops.toyworld import scenes
+
+    spec = _spec.NODE_BY_ID["ICE_ToyWorldScene"].input("scene")
+    assert scenes.held_out_seed(0) >= scenes.HELD_OUT_SEED_OFFSET
+    # the next evaluation seed's first scene lies beyond the widget's range: the picker never repeats one
+    assert scenes.held_out_seed(int(spec.max)) < scenes.held_out_seed(0, seed=1)
 
 
 def _run(code: str) -> str:

@@ -161,6 +161,22 @@ def test_everything_excluded_is_an_error(tiny):
 def test_bad_synonym_threshold_is_refused(tiny):
     with pytest.raises(ValueError, match="synonym_threshold"):
         tiny.rank(random_image(), synonym_threshold=1.5)
+    with pytest.raises(ValueError, match="synonym_threshold"):
+        ClipRetriever.from_pretrained(TINY_CONFIG, None, vocabulary=WORDS, synonym_threshold=0.0)
+
+
+def test_a_retriever_built_with_its_own_synonym_threshold_uses_it_unless_told_otherwise(tiny):
+    words, table = synonym_table()
+    retriever = ClipRetriever(
+        tiny.model, tiny.preprocess_size, tiny.mean, tiny.std, tiny.tokenizer, words, word_embeddings=table,
+        synonym_threshold=1.0,
+    )
+    retriever._embed_image = lambda image: unit(1.0, 0.0, 0.0, 0.2)
+    assert [w for w, _ in retriever.rank(random_image(), exclude=["cat"], top_k=10)] == ["kitten", "lion", "car"]
+    assert retriever.remaining_words(["cat"]) == 3
+    assert [w for w, _ in retriever.rank(random_image(), exclude=["cat"], top_k=10, synonym_threshold=0.85)] == [
+        "lion", "car"]
+    assert retriever.remaining_words(["cat"], synonym_threshold=0.85) == 2
 
 
 # ------------------------------------------------------------------------------------------------ blanking

@@ -173,7 +173,7 @@ def test_open_clip_text_tower_converts_to_an_equal_clip_text_model():
 
 
 # ------------------------------------------------------------------------------------------ shipped model
-from ice_ops.toyworld import embedded_weights_present  # noqa: E402
+from ice_ops.toyworld import SEGMENTATION, embedded_weights_present  # noqa: E402
 
 needs_weights = pytest.mark.skipif(not embedded_weights_present(), reason="the Toy World weights are not shipped")
 
@@ -219,7 +219,7 @@ def test_shipped_model_localizes_and_learns_a_fixed_scene(embedded):
 
     bundle, retriever = embedded
     scene = sc.make_scene(FIXED_SCENE_SEED)
-    concepts = localize(bundle, retriever, scene.image, synonym_threshold=1.0)
+    concepts = localize(bundle, retriever, scene.image, max_concepts=sc.MAX_OBJECTS, segmentation=SEGMENTATION)
     pairs = match_masks(concepts.masks() > 0.5, scene.masks)
     ious = [0.0] * len(scene.objects)
     words = [False] * len(scene.objects)
@@ -232,3 +232,27 @@ def test_shipped_model_localizes_and_learns_a_fixed_scene(embedded):
     for concept in learned.concepts:
         assert {"object", "instance"} <= set(concept.vectors)
         assert all(torch.isfinite(v).all() for v in concept.vectors.values())
+
+
+@needs_weights
+def test_demo_command_writes_the_sheet_and_report_and_never_overwrites(tmp_path, capsys):
+    import json
+    import os
+
+    from PIL import Image
+
+    from ice_ops.__main__ import main
+    from ice_ops.toyworld.demo import REPORT_NAME, SHEET_NAME
+
+    out = str(tmp_path / "demo")
+    assert main(["--quiet", "demo", "--out", out, "--learn-steps", "2", "--device", "cpu"]) == 0
+    assert os.path.join(out, SHEET_NAME) in capsys.readouterr().out
+    with Image.open(os.path.join(out, SHEET_NAME)) as sheet:
+        assert sheet.format == "PNG" and sheet.width > sheet.height / 4
+    with open(os.path.join(out, REPORT_NAME), encoding="utf-8") as handle:
+        report = json.load(handle)
+    assert report["found"] and all(entry["word"] in sc.SHAPES for entry in report["found"])
+    with pytest.raises(SystemExit) as stopped:
+        main(["--quiet", "demo", "--out", out, "--learn-steps", "2", "--device", "cpu"])
+    assert stopped.value.code == 2
+    assert "exists" in capsys.readouterr().err

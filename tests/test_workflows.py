@@ -149,3 +149,17 @@ def test_generated_files_are_up_to_date():
     from nodes import make_workflows
 
     assert make_workflows.main(["--check"]) == 0, "run python -m nodes.make_workflows"
+
+
+def test_toyworld_demo_workflow_uses_the_toy_models_settings_and_the_demo_scene():
+    from ice_ops import toyworld
+    from ice_ops.toyworld import demo, scenes
+    from nodes import make_workflows
+
+    assert make_workflows.TOYWORLD_MAX_OBJECTS == scenes.MAX_OBJECTS
+    assert make_workflows.TOYWORLD_SEGMENTATION == toyworld.SEGMENTATION
+    assert scenes.held_out_seed(make_workflows.TOYWORLD_SCENE) == demo.DEMO_SCENE_SEED
+    prompt = load_api("ice_toyworld_demo")
+    assert {node["class_type"] for node in prompt.values()} >= {
+        "ICE_LoadDiffusersModel", "ICE_ToyWorldScene", "ICE_Generate"}
+    assert "CheckpointLoaderSimple" not in {node["class_type"] for node in prompt.values()}

@@ -13,6 +13,12 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 DIFFUSERS_FOLDER = os.path.join(WEIGHTS_DIR, "diffusers")
 CLIP_CONFIG_PATH = os.path.join(WEIGHTS_DIR, "open_clip_config.json")
 CLIP_WEIGHTS_PATH = os.path.join(WEIGHTS_DIR, "open_clip.safetensors")
+# The toy CLIP's text space holds little more than the Toy World words, all close together (the retrieval
+# template dominates), so only words already found are excluded, never their "near-synonyms".
+SYNONYM_THRESHOLD = 1.0
+# The toy UNet's self-attention is uniform to within 0.2 % of its entropy, so DiffSeg finds one segment;
+# Stage One on this model thresholds the noun's cross-attention instead (ice_ops.localize).
+SEGMENTATION = "cross-attention"
 
 
 def embedded_weights_present() -> bool:
@@ -43,4 +49,6 @@ def embedded_retriever(device: str | torch.device = "cpu", vocabulary=None):
 
     _require_weights()
     words = list(SHAPES) if vocabulary is None else vocabulary
-    return ClipRetriever.from_pretrained(CLIP_CONFIG_PATH, CLIP_WEIGHTS_PATH, vocabulary=words, device=device)
+    return ClipRetriever.from_pretrained(
+        CLIP_CONFIG_PATH, CLIP_WEIGHTS_PATH, vocabulary=words, device=device, synonym_threshold=SYNONYM_THRESHOLD
+    )

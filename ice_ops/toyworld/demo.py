@@ -60,7 +60,7 @@ def run_demo(
     bundle, retriever = embedded_bundle(device), embedded_retriever(device)
     scene = make_scene(scene_seed)
     report(f"scene: {scene.caption}; running Stage One and Stage Two ({learn_steps} steps per phase)")
-    concepts = run_pipeline(bundle, retriever, scene.image, learn_steps=learn_steps, seed=seed, synonym_threshold=1.0)
+    concepts = run_pipeline(bundle, retriever, scene.image, learn_steps=learn_steps, seed=seed)
     rows = [[("scene", scene.image), ("found", _overlay(scene.image, concepts.masks()))]]
     prompts_used = {}
     for concept in concepts.concepts:

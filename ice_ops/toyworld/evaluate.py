@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .scenes import SHAPES, Scene, classify_colour, classify_material, held_out_seed, make_scene
+from .scenes import MAX_OBJECTS, SHAPES, Scene, classify_colour, classify_material, held_out_seed, make_scene
 
 DEFAULT_LEARN_STEPS = 100
 DEFAULT_SAMPLE_STEPS = 25
@@ -63,16 +63,18 @@ def oracle_concepts(scene: Scene):
     return ConceptSet(concepts=concepts, image_size=tuple(scene.image.shape[-2:]), settings={"oracle": True})
 
 
-def run_pipeline(bundle, retriever, image: torch.Tensor, *, learn_steps: int, seed: int, synonym_threshold: float,
+def run_pipeline(bundle, retriever, image: torch.Tensor, *, learn_steps: int, seed: int, synonym_threshold: float | None = None,
                  oracle: Scene | None = None):
     """Stage One (or ``oracle``'s true masks) then both phases of Stage Two; returns the learned ConceptSet."""
     from ..learn import learn_intrinsic_tokens, learn_object_tokens
     from ..localize import localize
+    from . import SEGMENTATION
 
     if oracle is not None:
         concepts = oracle_concepts(oracle)
     else:
-        concepts = localize(bundle, retriever, image, seed=seed, synonym_threshold=synonym_threshold)
+        concepts = localize(bundle, retriever, image, seed=seed, synonym_threshold=synonym_threshold,
+                            max_concepts=MAX_OBJECTS, segmentation=SEGMENTATION)
     if len(concepts) == 0 or learn_steps == 0:
         return concepts
     concepts = learn_object_tokens(bundle, image, concepts, steps=learn_steps, seed=seed)
@@ -89,7 +91,7 @@ def swap_shape(word: str) -> str:
     return next(shape for shape in SWAP_SHAPES if shape != word)
 
 
-def score_scene(bundle, retriever, scene: Scene, *, learn_steps: int, seed: int, synonym_threshold: float,
+def score_scene(bundle, retriever, scene: Scene, *, learn_steps: int, seed: int, synonym_threshold: float | None = None,
                 oracle_masks: bool = False) -> SceneScore:
     concepts = run_pipeline(bundle, retriever, scene.image, learn_steps=learn_steps, seed=seed,
                             synonym_threshold=synonym_threshold, oracle=scene if oracle_masks else None)
@@ -132,7 +134,7 @@ def summarise(scores: Sequence[SceneScore]) -> dict:
 
 def load_models(model: str | None, device: str):
     """(bundle, retriever): the embedded Toy World model, or the output folder of the training script."""
-    from . import embedded_bundle, embedded_retriever
+    from . import SYNONYM_THRESHOLD, embedded_bundle, embedded_retriever
 
     if model is None:
         return embedded_bundle(device), embedded_retriever(device)
@@ -144,13 +146,13 @@ def load_models(model: str | None, device: str):
     bundle = DiffusionBundle.from_pretrained(os.path.join(model, "diffusers"), device=device)
     retriever = ClipRetriever.from_pretrained(
         os.path.join(model, "open_clip_config.json"), os.path.join(model, "open_clip.safetensors"),
-        vocabulary=list(SHAPES), device=device,
+        vocabulary=list(SHAPES), device=device, synonym_threshold=SYNONYM_THRESHOLD,
     )
     return bundle, retriever
 
 
 def evaluate(
-    bundle, retriever, *, scenes: int, seed: int, learn_steps: int, synonym_threshold: float,
+    bundle, retriever, *, scenes: int, seed: int, learn_steps: int, synonym_threshold: float | None = None,
     stage_two_scenes: int | None = None, oracle_masks: bool = False,
 ) -> dict:
     """Score ``scenes`` held-out scenes; Stage Two runs on the first ``stage_two_scenes`` (all when None).
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="use the true words and masks instead of Stage One (scores Stage Two on its own)")
     parser.add_argument("--model", default=None, help="a training output folder (default: the embedded model)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--synonym-threshold", type=float, default=1.0,
-                        help="retrieval near-synonym cut; 1.0 excludes only words already found (the toy CLIP "
+    parser.add_argument("--synonym-threshold", type=float, default=None,
+                        help="retrieval near-synonym cut (default: the retriever's own, 1.0 for Toy World CLIPs: "
+                             "only words already found are excluded, since the toy CLIP "
                              "places all shape words close together)")
     args = parser.parse_args(argv)
     if args.scenes < 1:

@@ -384,7 +384,8 @@ def encode_dataset(vae, data: Dataset, device: torch.device, batch: int = 256) -
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(data: Dataset, vae, text_encoder, tokenizer, plan: Plan, device: torch.device):
+def train_unet(data: Dataset, vae, text_encoder, tokenizer, plan: Plan, device: torch.device, unet=None):
+    """Train ``unet`` (a fresh UNET_CONFIG model when None) on the scenes' latents."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from ..bundle import scheduler_config
@@ -392,7 +393,7 @@ def train_unet(data: Dataset, vae, text_encoder, tokenizer, plan: Plan, device: 
     torch.manual_seed(plan.seed + 2)
     rng = np.random.default_rng(plan.seed + 2)
     scheduler = DDPMScheduler.from_config(scheduler_config("epsilon"))
-    unet = UNet2DConditionModel.from_config(UNET_CONFIG).to(device).train()
+    unet = (unet if unet is not None else UNet2DConditionModel.from_config(UNET_CONFIG)).float().to(device).train()
     text_encoder = text_encoder.to(device).eval().requires_grad_(False)
     means, stds = encode_dataset(vae, data, device)
     scaling = float(vae.config.scaling_factor)
@@ -489,6 +490,52 @@ def train_retriever_only(out: str, plan: Plan, device: torch.device, argv: list[
     return 0
 
 
+def continue_unet(source: str, out: str, plan: Plan, device: torch.device, argv: list[str]) -> int:
+    """Train the UNet of the model in ``source`` further (on the scenes of ``plan.seed``'s range, with its
+    frozen text encoder and its VAE) and write the result to ``out`` with ``source``'s CLIP and a card that
+    records both runs."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = os.path.join(source, "diffusers")
+    if not os.path.isfile(os.path.join(source, "metrics.json")) or not os.path.isdir(folder):
+        raise ValueError(f"{source!r} is not an output folder of this script (no metrics.json or diffusers/).")
+    start = time.time()
+    earlier = json.loads(open(os.path.join(source, "metrics.json"), encoding="utf-8").read())
+    data = build_dataset(earlier.get("scenes", plan.scenes), plan.seed * earlier.get("scenes", plan.scenes))
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True).float().to(device).eval()
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True).float()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    tokenizer = build_clip_tokenizer(pad_token=PAD_TOKEN, model_max_length=TEXT_CONTEXT)
+    unet, found = train_unet(data, vae, text_encoder, tokenizer, plan, device, unet=unet)
+    metrics = dict(earlier)
+    metrics["unet_steps"] = earlier["unet_steps"] + found["unet_steps"]
+    metrics["unet_seconds"] = earlier["unet_seconds"] + found["unet_seconds"]
+    metrics["unet_final_loss"] = found["unet_final_loss"]
+    from ..bundle import DiffusionBundle
+
+    bundle = DiffusionBundle.from_components(unet.float().cpu(), vae.float().cpu(), text_encoder.cpu(), tokenizer, device="cpu")
+    metrics.update(noun_localisation(bundle))
+    metrics["total_seconds"] = earlier["total_seconds"] + round(time.time() - start)
+    _log(f"continued {metrics}")
+    os.makedirs(out, exist_ok=True)
+    for name in ("open_clip_config.json", "open_clip.safetensors"):
+        shutil.copy(os.path.join(source, name), os.path.join(out, name))
+    target = os.path.join(out, "diffusers")
+    shutil.copytree(folder, target)
+    unet.to("cpu", torch.float16).save_pretrained(os.path.join(target, "unet"), safe_serialization=True)
+    _write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
+    card = open(os.path.join(source, "MODEL_CARD.md"), encoding="utf-8").read()
+    card += (f"\n## Continued\n\nThe UNet was then trained further with "
+             f"`python -m ice_ops.toyworld.train {' '.join(argv)}` ({found['unet_steps']} steps, "
+             f"{found['unet_seconds']} s); the metrics above are those of the first run, the totals:\n\n"
+             f"```json\n{json.dumps(metrics, indent=1)}\n```\n")
+    _write_text(os.path.join(out, "MODEL_CARD.md"), card)
+    return 0
+
+
 def model_card(metrics: dict, plan: Plan, argv: list[str]) -> str:
     lines = [
         "# Toy World model (tiny Stable Diffusion + tiny CLIP)",
@@ -525,6 +572,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--retriever-only", action="store_true",
                         help="train only the ResNet retriever CLIP (for --clip-minutes/--clip-steps)")
+    parser.add_argument("--continue-from", default=None,
+                        help="an earlier --out folder: keep its CLIP, text encoder and VAE and train its UNet further "
+                             "(for --unet-minutes/--unet-steps); the new card records both runs")
     defaults = Plan()
     for name, value in asdict(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -545,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu.")
+    if args.continue_from:
+        return continue_unet(args.continue_from, args.out, plan, device, argv)
     start = time.time()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     _log(f"building {plan.scenes} scenes")

@@ -31,7 +31,9 @@ from comfyui_harness import (  # noqa: E402
     queue_and_wait_for_progress,
 )
 
-from nodes._spec import NODE_BY_ID, NODES, STOCK_NODES  # noqa: E402
+from ice_ops.toyworld import embedded_weights_present  # noqa: E402
+from ice_ops.toyworld.scenes import DEFAULT_SIZE as TOYWORLD_SIDE  # noqa: E402
+from nodes._spec import NODE_BY_ID, NODES, STOCK_NODES, TOYWORLD_MODEL  # noqa: E402
 
 COMFYUI = comfyui_path()
 _MISSING = [m for m in ("aiohttp", "yaml", "requests") if importlib.util.find_spec(m) is None]
@@ -42,6 +44,7 @@ pytestmark = [
 ]
 
 CHECKPOINT = "ice_tiny_sd15.safetensors"
+DIFFUSERS_MODEL = "ice_tiny_diffusers"  # a random tiny diffusers folder in models/diffusers
 RETRIEVER = "tiny_open_clip"
 IMAGE = "ice_test.png"
 SIDE = 64  # side of the test image and of sampled images
@@ -95,6 +98,12 @@ def write_test_image(path: str) -> None:
     picture.save(path)
 
 
+def write_tiny_diffusers_folder(folder: str) -> None:
+    from ice_ops.random_models import build_random_bundle, save_diffusers_folder
+
+    save_diffusers_folder(build_random_bundle("tiny"), folder)
+
+
 @pytest.fixture(scope="module")
 def models(request) -> str:
     folder = str(request.config.cache.mkdir("comfyui_ice_models"))
@@ -105,6 +114,7 @@ def models(request) -> str:
 def server(tmp_path_factory, models):
     base = make_base(str(tmp_path_factory.mktemp("comfyui_base")), models)
     write_test_image(os.path.join(base, "input", IMAGE))
+    write_tiny_diffusers_folder(os.path.join(base, "models", "diffusers", DIFFUSERS_MODEL))
     running = ComfyServer(COMFYUI, base).start()
     yield running
     running.stop()
@@ -185,6 +195,38 @@ def test_model_folders_list_the_test_files(server):
     architectures = info["ICE_LoadCLIPRetriever"]["input"]["required"]["architecture"][1]["options"]
     assert RETRIEVER + ".safetensors" in weights
     assert RETRIEVER in architectures and architectures[0] == "ViT-L-14-quickgelu"
+    folders = info["ICE_LoadDiffusersModel"]["input"]["required"]["folder"][1]["options"]
+    embedded = [TOYWORLD_MODEL] if embedded_weights_present() else []
+    assert folders == embedded + [DIFFUSERS_MODEL]
+    assert weights[: len(embedded)] == embedded
+
+
+def test_generate_refuses_conditioning_of_another_text_encoder(server):
+    # A stock CLIP Text Encode of the SD1.5 checkpoint (768 wide) cannot drive the tiny diffusers model.
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "3": {"class_type": "ICE_LoadDiffusersModel", "inputs": {"folder": DIFFUSERS_MODEL}},
+        "4": {"class_type": "ICE_Generate", "inputs": {
+            "ice_model": ["3", 0], "positive": ["2", 0], "seed": 0, "steps": 1, "cfg": 7.5, "sampler": "dpm++",
+            "width": 0, "height": 0}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    error = _error_of(server, prompt)
+    assert error["node_type"] == "ICE_Generate"
+    assert "Compose Concepts using the same ICE model" in error["exception_message"]
+
+
+@pytest.mark.skipif(not embedded_weights_present(), reason="the Toy World weights are not installed")
+def test_toyworld_demo_runs_inside_comfyui_with_no_downloaded_weights(server):
+    from PIL import Image
+
+    prompt = load_twin("ice_toyworld_demo")
+    entry = server.run(prompt, RUN_TIMEOUT_S)
+    (saved,) = output_files(entry, node_id(prompt, "SaveImage"))
+    with Image.open(os.path.join(server.base, "output", saved["filename"])) as picture:
+        assert picture.size == (TOYWORLD_SIDE, TOYWORLD_SIDE)
+    assert output_files(entry, node_id(prompt, "ICE_PreviewConcepts")), "Preview Concepts shows the masks"
 
 
 # ---------------------------------------------------------------------- the loaded model is ComfyUI's model
