@@ -177,12 +177,12 @@ from ice_ops.toyworld import SEGMENTATION, embedded_weights_present  # noqa: E40
 
 needs_weights = pytest.mark.skipif(not embedded_weights_present(), reason="the Toy World weights are not shipped")
 
-# Acceptance floors for any shipped model, well below the goals (mIoU 0.85, word top-1 0.9). The first
-# CPU-trained candidate (753 UNet steps) did not localise at all (mIoU 0.001), so it was not shipped and these
-# are not yet derived from a measurement: set them from the shipped model's result, with a margin.
-FIXED_SCENE_SEED = sc.held_out_seed(0, 0)
-MIN_FIXED_SCENE_MIOU = 0.5
-MIN_FIXED_SCENE_WORD_ACCURACY = 0.5
+# Regression floors for the shipped model on the demo scene (localization is deterministic). Measured with the
+# shipped weights: mIoU 0.39 (square 0.66, cross 0.51, triangle 0.00), word accuracy 1/3; on 50 held-out scenes
+# Stage One reaches mIoU 0.33 (the goal is 0.85: see the model card for what limits it).
+FIXED_SCENE_SEED = sc.held_out_seed(3)
+MIN_FIXED_SCENE_MIOU = 0.3
+MIN_FIXED_SCENE_WORD_ACCURACY = 0.3
 MAX_SHIPPED_BYTES = 50 * 1024 * 1024  # the budget for the shipped weights
 
 
