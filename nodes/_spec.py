@@ -125,7 +125,7 @@ def _segmentation() -> InputSpec:
         "diffseg (the paper): group the pixels by self-attention, then name each group by cross-attention. "
         "cross-attention: keep the pixels that attend most to the word; for small models whose self-attention "
         "groups nothing, such as the embedded Toy World model.",
-        default=SEGMENTATIONS[0], options=SEGMENTATIONS,
+        default=SEGMENTATIONS[0], options=SEGMENTATIONS, optional=True,  # graphs saved before it keep running
     )
 
 
