@@ -191,6 +191,21 @@ def _set_lr(optimizer, base: float, factor: float) -> None:
         group["lr"] = base * factor
 
 
+def _update(optimizer, loss: torch.Tensor, budget: Budget, base_lr: float, label: str,
+            clip_parameters=None) -> None:
+    """One optimiser step at the schedule's learning rate (gradients clipped to norm 1 when
+    ``clip_parameters`` are given), then the budget's step count and the periodic log line."""
+    _set_lr(optimizer, base_lr, budget.lr_factor())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_parameters is not None:
+        torch.nn.utils.clip_grad_norm_(clip_parameters, 1.0)
+    optimizer.step()
+    budget.step += 1
+    if budget.step % LOG_EVERY == 0:
+        _log(f"{label} step {budget.step} loss {loss.item():.4f} progress {budget.progress:.2f}")
+
+
 def _log(message: str) -> None:
     sys.stderr.write(f"{time.strftime('%H:%M:%S')} {message}\n")
     sys.stderr.flush()
@@ -226,20 +241,14 @@ def train_clip(data: Dataset, plan: Plan, device: torch.device, config: dict = C
     while not budget.done():
         index = torch.randint(len(data.images), (plan.clip_batch,), generator=generator)
         images, captions = clip_batch(data, index, rng)
-        _set_lr(optimizer, plan.clip_lr, budget.lr_factor())
         image_features = model.encode_image(_normalise(images.to(device)), normalize=True)
         text_features = encode_text_prefix(model, tokenizer(captions).to(device), TRAIN_TEXT_LENGTH)
         logits = model.logit_scale.exp() * image_features @ text_features.T
         target = torch.arange(len(captions), device=device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _update(optimizer, loss, budget, plan.clip_lr, "clip")
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        budget.step += 1
-        if budget.step % LOG_EVERY == 0:
-            _log(f"clip step {budget.step} loss {loss.item():.3f} progress {budget.progress:.2f}")
     model.eval()
     return model, {"clip_steps": budget.step, "clip_seconds": round(budget.elapsed), "clip_final_loss": round(loss.item(), 4)}
 
@@ -352,14 +361,7 @@ def train_vae(data: Dataset, plan: Plan, device: torch.device):
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, pixels) + VAE_KL_WEIGHT * posterior.kl().mean()
-        _set_lr(optimizer, plan.vae_lr, budget.lr_factor())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        budget.step += 1
-        if budget.step % LOG_EVERY == 0:
-            _log(f"vae step {budget.step} loss {loss.item():.4f} progress {budget.progress:.2f}")
+        _update(optimizer, loss, budget, plan.vae_lr, "vae", clip_parameters=vae.parameters())
     vae.eval()
     held_out = torch.stack([make_scene(2 * 10**8 + i).image for i in range(64)]).to(device) * 2 - 1
     with torch.no_grad():
@@ -416,14 +418,7 @@ def train_unet(data: Dataset, vae, text_encoder, tokenizer, plan: Plan, device: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             prediction = unet(noisy, steps, encoder_hidden_states=context).sample
         loss = F.mse_loss(prediction.float(), noise)
-        _set_lr(optimizer, plan.unet_lr, budget.lr_factor())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        budget.step += 1
-        if budget.step % LOG_EVERY == 0:
-            _log(f"unet step {budget.step} loss {loss.item():.4f} progress {budget.progress:.2f}")
+        _update(optimizer, loss, budget, plan.unet_lr, "unet", clip_parameters=unet.parameters())
     unet.eval()
     return unet, {"unet_steps": budget.step, "unet_seconds": round(budget.elapsed), "unet_final_loss": round(loss.item(), 4)}
 
