@@ -7,13 +7,15 @@ import os
 import sys
 from typing import Sequence
 
-log = logging.getLogger("ice_ops")
+MODEL_LIBRARIES = ("diffusers", "transformers")  # libraries that log notices and draw loading bars of their own
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
+    if args.quiet:
+        quiet_model_libraries()
     try:
         return int(args.handler(args) or 0)
     except ValueError as error:
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--segmentation", default=DIFFSEG, choices=SEGMENTATIONS,
                      help="diffseg (the paper, default) or cross-attention (for small models whose self-attention "
                      "groups nothing, such as the Toy World model)")
+    loc.add_argument("--min-contrast", type=float, default=None,
+                     help="stop when the next word attends less than this many times more to its mask than to the "
+                     "rest of what is unexplained (default: off; the Toy World model's calibrated value is in "
+                     "ice_ops.toyworld.MIN_CONTRAST)")
     loc.add_argument("--out", required=True, help="output folder for mask_*.png, overlay.png and concepts.safetensors")
     loc.add_argument("--overwrite", action="store_true", help="replace files that already exist in --out")
     loc.set_defaults(handler=run_localize)
@@ -126,13 +132,13 @@ def run_demo(args) -> int:
     if steps < 1:
         raise ValueError("--learn-steps must be at least 1.")
     sheet = run(args.out, learn_steps=steps, seed=args.seed, device=resolve_device(args.device),
-                overwrite=args.overwrite, progress=log.info)
+                overwrite=args.overwrite, progress=progress_reporter(args))
     sys.stdout.write(f"wrote: {sheet}\n")
     return 0
 
 
 def run_localize(args) -> int:
-    from .imaging import mask_to_pil, overlay_masks, tensor_to_pil
+    from .imaging import labelled_overlay, mask_to_pil, tensor_to_pil
     from .localize import localize
     from .retrieve import ClipRetriever
 
@@ -143,17 +149,17 @@ def run_localize(args) -> int:
     )
     _plan_outputs(args.out, ["concepts.safetensors", "overlay.png"], args.overwrite)
 
-    def report(step, total, _preview):
-        log.info("localize: iteration %d of at most %d", step, total)
-
+    progress = progress_reporter(args)
     concepts = localize(bundle, retriever, image, stop_fraction=args.stop_fraction, max_concepts=args.max_concepts,
-                        seed=args.seed, callback=report, segmentation=args.segmentation)
+                        seed=args.seed, callback=progress.phase("Stage One"), segmentation=args.segmentation,
+                        min_contrast=args.min_contrast)
+    progress.finish()
     mask_names = [f"mask_{concept.name}.png" for concept in concepts.concepts]
     outputs = _plan_outputs(args.out, ["concepts.safetensors", "overlay.png", *mask_names], args.overwrite)
     for concept, name in zip(concepts.concepts, mask_names):
         _save_png(mask_to_pil(concept.mask), outputs[name], args.overwrite)
-    overlay = overlay_masks(image, concepts.masks()) if len(concepts) else image
-    _save_png(label_image(tensor_to_pil(overlay), concepts), outputs["overlay.png"], args.overwrite)
+    overlay = labelled_overlay(image, concepts.masks(), concepts.names)
+    _save_png(tensor_to_pil(overlay), outputs["overlay.png"], args.overwrite)
     concepts.save(outputs["concepts.safetensors"], overwrite=args.overwrite)
     found = ", ".join(f"{c.name} ({c.score:.2f})" for c in concepts.concepts) or "nothing"
     sys.stdout.write(f"found: {found}\nwrote: {outputs['concepts.safetensors']}\n")
@@ -172,20 +178,17 @@ def run_learn(args) -> int:
     if args.intrinsic_steps < 0:
         raise ValueError("--intrinsic-steps must be 0 (skip phase two) or more.")
 
-    def report(phase):
-        def callback(step, total, _preview):
-            if step == total or step % max(1, total // 10) == 0:
-                log.info("%s: step %d of %d", phase, step, total)
-        return callback
+    if args.refine_steps and not args.intrinsic_steps:
+        raise ValueError("--refine-steps needs phase two: give --intrinsic-steps > 0.")
 
+    progress = progress_reporter(args)
     learned = learn_object_tokens(bundle, image, concepts, steps=args.object_steps, lr=args.lr, seed=args.seed,
-                                  callback=report("object tokens"))
+                                  callback=progress.phase("object tokens"))
     if args.intrinsic_steps:
         learned = learn_intrinsic_tokens(bundle, image, learned, anchors=args.anchors, steps=args.intrinsic_steps,
                                          refine_steps=args.refine_steps, lr=args.lr, seed=args.seed,
-                                         callback=report("intrinsic tokens"))
-    elif args.refine_steps:
-        raise ValueError("--refine-steps needs phase two: give --intrinsic-steps > 0.")
+                                         callback=progress.phase("intrinsic tokens"))
+    progress.finish()
     learned.save(args.out, overwrite=args.overwrite)
     roles = ", ".join(f"{c.name}: {'/'.join(c.roles)}" for c in learned.concepts)
     sys.stdout.write(f"learned: {roles}\nwrote: {args.out}\n")
@@ -204,9 +207,11 @@ def run_compose(args) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} already exists; choose another --out or pass --overwrite.")
     condition = compose(bundle, concepts, args.prompt, negative=args.negative)
+    progress = progress_reporter(args)
     with apply_lora(bundle.unet, concepts.lora):
         images = generate(bundle, condition, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                          height=args.height, width=args.width)
+                          height=args.height, width=args.width, callback=progress.phase("sampling"))
+    progress.finish()
     _save_png(tensor_to_pil(images[0]), args.out, args.overwrite)
     sys.stdout.write(f"prompt: {condition.text}\nwrote: {args.out}\n")
     return 0
@@ -259,18 +264,21 @@ def load_image(path: str):
         raise ValueError(f"{path!r} is not an image Pillow can read ({error}).") from None
 
 
-def label_image(picture, concepts):
-    """Write each concept's name at its mask's centre of mass."""
-    from PIL import ImageDraw
+def quiet_model_libraries() -> None:
+    """For --quiet: the model libraries' own notices and loading bars (diffusers, transformers) stay off too."""
+    import importlib
 
-    draw = ImageDraw.Draw(picture)
-    for concept in concepts.concepts:
-        ys, xs = concept.mask.nonzero(as_tuple=True)
-        if len(xs) == 0:
-            continue
-        x, y = float(xs.float().mean()), float(ys.float().mean())
-        draw.text((x, y), concept.name, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0), anchor="mm")
-    return picture
+    for package in MODEL_LIBRARIES:
+        library_logging = importlib.import_module(f"{package}.utils.logging")
+        library_logging.set_verbosity_error()
+        library_logging.disable_progress_bar()
+
+
+def progress_reporter(args):
+    """Progress on stderr: a bar on a terminal, a few lines per phase in a log, nothing with --quiet."""
+    from .progress import ProgressReporter
+
+    return ProgressReporter(sys.stderr, quiet=args.quiet)
 
 
 def _plan_outputs(folder: str, names: Sequence[str], overwrite: bool) -> dict[str, str]:

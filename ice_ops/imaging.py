@@ -11,12 +11,23 @@ working size and resized back to the input size, so callers always get masks at 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 MIN_SIDE = 64
 MASK_THRESHOLD = 0.5
+OVERLAY_ALPHA = 0.5  # how strongly a mask's colour covers the image in overlays
+# Labels written on masks: white text with a dark outline, so they read on any colour. Unless told, the text is
+# a fraction of the image's height, with a floor; the outline is a fraction of the text's size, with a floor.
+LABEL_HEIGHT_FRACTION = 1 / 24
+MIN_LABEL_PX = 10
+LABEL_OUTLINE_FRACTION = 1 / 8
+MIN_LABEL_OUTLINE_PX = 2
+LABEL_FILL = (255, 255, 255)
+LABEL_OUTLINE = (0, 0, 0)
 
 
 def to_image_tensor(image) -> torch.Tensor:
@@ -127,14 +138,103 @@ def resize_soft_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.reshape(*lead, *size)
 
 
-def overlay_masks(image: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Colour each mask of ``[K, H, W]`` over ``[3, H, W]``; returns ``[3, H, W]`` in 0..1."""
+def overlay_masks(
+    image: torch.Tensor, masks: torch.Tensor, alpha: float = OVERLAY_ALPHA, colour_indices: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Colour each mask of ``[K, H, W]`` over ``[3, H, W]``; returns ``[3, H, W]`` in 0..1.
+
+    Mask ``k`` gets :func:`palette_colour` of ``colour_indices[k]`` (default ``k``), so one object can keep
+    its colour across several overlays."""
     out = image.clone().float()
-    for index, mask in enumerate(masks):
+    indices = range(len(masks)) if colour_indices is None else colour_indices
+    for index, mask in zip(indices, masks):
         colour = torch.tensor(palette_colour(index), dtype=out.dtype, device=out.device)[:, None, None]
         weight = alpha * mask.to(out.device, out.dtype)[None]
         out = out * (1 - weight) + colour * weight
     return out.clamp(0, 1)
+
+
+def labelled_overlay(
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    labels: Sequence[str],
+    *,
+    text_px: int | None = None,
+    colour_indices: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Masks ``[K, H, W]`` coloured over ``[3, H, W]`` (see :func:`overlay_masks`), each with its label written on
+    it at its centre (:func:`label_anchor`); returns a float ``[3, H, W]`` tensor in 0..1 on the CPU.
+
+    ``text_px`` is the text's size in pixels (default: a fraction of the image's height). Draw on an image
+    already at display size: text drawn on a 64 px image and enlarged afterwards is not legible."""
+    if masks.shape[0] != len(labels):
+        raise ValueError(f"{masks.shape[0]} masks but {len(labels)} labels; give one label per mask.")
+    image = image.detach().float().cpu()
+    if not labels:
+        return image.clone()
+    masks = masks.detach().float().cpu()
+    picture = tensor_to_pil(overlay_masks(image, masks, colour_indices=colour_indices))
+    size = text_px if text_px is not None else max(MIN_LABEL_PX, int(image.shape[-2] * LABEL_HEIGHT_FRACTION))
+    for mask, label in zip(masks, labels):
+        anchor = label_anchor(mask)
+        if anchor is not None:
+            draw_label(picture, label, anchor, size)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def label_anchor(mask: torch.Tensor) -> tuple[int, int] | None:
+    """``(x, y)`` where a mask's label goes: its centre of mass, or the mask's pixel nearest to it when the
+    centre falls outside the mask (a ring, a crescent); ``None`` for an empty mask."""
+    where = torch.nonzero(mask > MASK_THRESHOLD)
+    if where.numel() == 0:
+        return None
+    centre = where.float().mean(0)
+    row, column = where[(where.float() - centre).pow(2).sum(1).argmin()].tolist()
+    return int(column), int(row)
+
+
+def draw_label(picture, text: str, centre: tuple[int, int], text_px: int) -> tuple[int, int, int, int]:
+    """Write ``text`` on the PIL ``picture`` centred on ``centre`` (x, y), white with a dark outline, moved
+    inwards where it would cross the picture's edge; returns the box it covers (left, top, right, bottom)."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(picture)
+    font = label_font(text_px)
+    outline = max(MIN_LABEL_OUTLINE_PX, round(text_px * LABEL_OUTLINE_FRACTION))
+    x, y = centre
+    left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm", stroke_width=outline)
+    dx = _shift_inside(left, right, picture.width)
+    dy = _shift_inside(top, bottom, picture.height)
+    draw.text((x + dx, y + dy), text, font=font, anchor="mm", fill=LABEL_FILL, stroke_width=outline,
+              stroke_fill=LABEL_OUTLINE)
+    return left + dx, top + dy, right + dx, bottom + dy
+
+
+def _shift_inside(low: float, high: float, size: int) -> int:
+    """How far to move the span ``low..high`` so it lies inside ``0..size`` (its start wins when it is wider)."""
+    if low < 0:
+        return int(np.ceil(-low))
+    if high > size:
+        return -int(min(np.ceil(high - size), low))
+    return 0
+
+
+def label_font(text_px: int):
+    """Pillow's default font at ``text_px`` pixels (a scalable font since Pillow 10.1; the fixed bitmap font before)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=text_px)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def upscale_nearest(tensor: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[..., H, W]`` (an image or a stack of masks) enlarged ``factor`` times by repeating each pixel, so
+    small images stay sharp; any dtype."""
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"factor must be a whole number of at least 1, got {factor}.")
+    return tensor.repeat_interleave(int(factor), dim=-2).repeat_interleave(int(factor), dim=-1)
 
 
 def palette_colour(index: int) -> tuple[float, float, float]:

@@ -222,6 +222,44 @@ def learn_intrinsic_tokens(
     return result
 
 
+def learn_textual_inversion(
+    bundle,
+    image,
+    concepts: ConceptSet,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    seed: int = 0,
+    callback: Callback | None = None,
+    *,
+    monitor: Monitor | None = None,
+) -> ConceptSet:
+    """The baseline ICE is measured against: plain textual inversion, one token per concept learned with the
+    masked diffusion loss alone (no instance token, no attention or triplet loss, no intrinsic tokens).
+
+    The token is stored as the concept's ``object`` vector, so ``[name]`` in a composed prompt stands for it;
+    roles such as ``[name.colour]`` do not exist in the result."""
+    _check_steps(steps, "steps")
+    _check_lr(lr)
+    image = to_image_tensor(image).cpu()
+    concepts.validate(tuple(image.shape[-2:]))
+    text = PlaceholderText(bundle.tokenizer, bundle.text_encoder)
+    for concept in concepts.concepts:
+        text.add(placeholder_string(concept.name, OBJECT_ROLE), text.word_init(concept.word))
+    trainable = [placeholder_string(c.name, OBJECT_ROLE) for c in concepts.concepts]
+    no_regulariser = torch.zeros((), device=bundle.device)
+    vectors = _train(
+        bundle, image, concepts, text, trainable,
+        lambda index: [placeholder_string(concepts.concepts[index].name, OBJECT_ROLE)],
+        lambda index: no_regulariser,
+        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=0.0, monitor=monitor,
+    )
+    settings = dict(concepts.settings, textual_inversion_steps=steps, textual_inversion_lr=lr, seed=seed)
+    result = concepts.replace()
+    for concept in result.concepts:
+        concept.vectors = {}
+    return _with_vectors(result, vectors, bundle, settings=settings, anchors=())
+
+
 def normalise_anchors(anchors: Sequence[str] | str) -> tuple[str, ...]:
     """Anchor words from a list or a comma-separated string; ``ValueError`` for empty or repeated ones."""
     if isinstance(anchors, str):

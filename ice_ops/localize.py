@@ -51,6 +51,7 @@ class SegmentResult:
     removed: torch.Tensor
     labels: torch.Tensor
     segment_words: dict[int, str] = field(default_factory=dict)
+    contrast: float = float("inf")  # see attention_contrast
 
 
 def segmentation_words(word: str) -> list[str]:
@@ -71,43 +72,31 @@ def segment_word(
     refine: bool = True,
     min_instance_fraction: float = MIN_INSTANCE_FRACTION,
     segmentation: str = DIFFSEG,
+    attention_fraction: float = CROSS_ATTENTION_FRACTION,
 ) -> SegmentResult:
     """Segment ``word`` in ``image`` with one UNet pass. ``ignore`` ([H, W], 1 = already explained) is
     blanked before encoding and never part of the result. ``segmentation``: ``"diffseg"`` (the paper) or
-    ``"cross-attention"`` (see the module notes)."""
+    ``"cross-attention"`` (see the module notes), which keeps the pixels whose attention to the word reaches
+    ``attention_fraction`` of its range."""
     check_segmentation(segmentation)
-    image = to_image_tensor(image).cpu()
+    check_attention_fraction(attention_fraction)
+    image, ignore, working = _prepare_input(bundle, image, ignore)
     height, width = image.shape[-2:]
-    ignore = _check_mask(ignore, (height, width), "ignore")
+    size = tuple(working.shape[-2:])
     words = segmentation_words(word)
-    size = working_size(height, width, bundle.native_resolution, bundle.size_multiple)
-    working = resize_image(image, size)
-    if ignore is not None:
-        working = working * (1 - resize_mask(ignore, size))[None]
-
-    positions = word_token_positions(bundle.tokenizer, words)
-    columns = [position for group in positions for position in group]
-    column_groups = _column_groups(positions)
-    step = timestep if timestep is not None else int(round(SEGMENT_TIMESTEP_FRACTION * bundle.num_train_timesteps))
-
-    with torch.no_grad():
-        latent = bundle.encode_image(working, size)
-        context = bundle.text_encoder(bundle.tokenize([" ".join(words)]))[0]
-        with capture_attention(bundle.unet, record_self=segmentation == DIFFSEG, cross_positions=columns) as store:
-            bundle.unet(latent, torch.tensor([step], device=bundle.device), encoder_hidden_states=context)
-        self_maps = {grid: maps[0].float().cpu() for grid, maps in store.self_maps.items()}
-        cross_maps = {grid: maps[0].float().cpu() for grid, maps in store.cross_maps.items()}
-
-    cross = aggregate_cross_attention(cross_maps, size)
+    column_groups = _column_groups(word_token_positions(bundle.tokenizer, words))
+    self_maps, cross = _attend(bundle, working, words, record_self=segmentation == DIFFSEG, timestep=timestep)
     if segmentation == DIFFSEG:
         labels = diffseg(self_maps, size, kl_thresholds=tuple(kl_thresholds), refine=refine)
         segment_to_word = label_segments(labels, cross, column_groups)
     else:
-        labels = cross_attention_labels(cross[..., column_groups[0]].mean(-1))
+        labels = cross_attention_labels(cross[..., column_groups[0]].mean(-1), attention_fraction)
         segment_to_word = {1: 0}  # segment 1 is the word; segment 0 (the rest) stays unexplained
 
     word_mask = _union(labels, [s for s, w in segment_to_word.items() if w == 0])
     removed = _union(labels, [s for s, w in segment_to_word.items() if w in (0, BACKGROUND_INDEX)])
+    unexplained = torch.ones(size) if ignore is None else 1 - resize_mask(ignore, size)
+    contrast = attention_contrast(cross[..., column_groups[0]].mean(-1), word_mask > 0.5, unexplained > 0.5)
     labels_full = torch.nn.functional.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")
     word_mask, removed = resize_mask(word_mask, (height, width)), resize_mask(removed, (height, width))
     if ignore is not None:
@@ -121,7 +110,64 @@ def segment_word(
         removed=removed,
         labels=labels_full[0, 0].long(),
         segment_words={int(s): words[w] for s, w in segment_to_word.items()},
+        contrast=contrast,
     )
+
+
+def attention_contrast(word_map: torch.Tensor, word_mask: torch.Tensor, region: torch.Tensor) -> float:
+    """How much more the word attends to its own mask than to the rest of ``region`` (the unexplained
+    pixels): the ratio of the mean attention inside to the mean outside. A word whose object is in the
+    image concentrates its attention there; a word with nothing to point at spreads it, and the ratio
+    falls towards 1. ``inf`` when the mask covers the whole region, 0 when it is empty."""
+    inside = word_mask & region
+    outside = region & ~word_mask
+    if not bool(inside.any()):
+        return 0.0
+    if not bool(outside.any()):
+        return float("inf")
+    return float(word_map[inside].mean() / word_map[outside].mean().clamp(min=torch.finfo(word_map.dtype).tiny))
+
+
+def _prepare_input(bundle, image, ignore: torch.Tensor | None):
+    """(the image as a CPU tensor, the checked ``ignore`` mask, the image at the model's working size with the
+    ignored pixels blanked)."""
+    image = to_image_tensor(image).cpu()
+    height, width = image.shape[-2:]
+    ignore = _check_mask(ignore, (height, width), "ignore")
+    size = working_size(height, width, bundle.native_resolution, bundle.size_multiple)
+    working = resize_image(image, size)
+    if ignore is not None:
+        working = working * (1 - resize_mask(ignore, size))[None]
+    return image, ignore, working
+
+
+def _attend(bundle, working: torch.Tensor, words: Sequence[str], *, record_self: bool, timestep: int | None = None):
+    """One UNet pass on the clean latent of ``working`` with the prompt ``words``: (self-attention maps per
+    grid, or {} without ``record_self``; cross-attention of every word's tokens aggregated to ``[h, w, P]``)."""
+    size = tuple(working.shape[-2:])
+    columns = [position for group in word_token_positions(bundle.tokenizer, words) for position in group]
+    step = timestep if timestep is not None else int(round(SEGMENT_TIMESTEP_FRACTION * bundle.num_train_timesteps))
+    with torch.no_grad():
+        latent = bundle.encode_image(working, size)
+        context = bundle.text_encoder(bundle.tokenize([" ".join(words)]))[0]
+        with capture_attention(bundle.unet, record_self=record_self, cross_positions=columns) as store:
+            bundle.unet(latent, torch.tensor([step], device=bundle.device), encoder_hidden_states=context)
+        self_maps = {grid: maps[0].float().cpu() for grid, maps in store.self_maps.items()}
+        cross_maps = {grid: maps[0].float().cpu() for grid, maps in store.cross_maps.items()}
+    return self_maps, aggregate_cross_attention(cross_maps, size)
+
+
+def word_attention_map(bundle, image, word: str, *, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """``[H, W]`` (input size) cross-attention of ``word`` in Stage One's prompt, aggregated over the UNet's
+    grids as segmentation reads it (mean over the word's tokens); explained pixels (``ignore``) are 0."""
+    image, ignore, working = _prepare_input(bundle, image, ignore)
+    height, width = image.shape[-2:]
+    words = segmentation_words(word)
+    groups = _column_groups(word_token_positions(bundle.tokenizer, words))
+    _, cross = _attend(bundle, working, words, record_self=False)
+    word_map = cross[..., groups[0]].mean(-1)
+    full = torch.nn.functional.interpolate(word_map[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    return full if ignore is None else full * (1 - ignore)
 
 
 def check_segmentation(segmentation: str) -> None:
@@ -129,13 +175,18 @@ def check_segmentation(segmentation: str) -> None:
         raise ValueError(f"Unknown segmentation {segmentation!r}; choose one of {', '.join(SEGMENTATIONS)}.")
 
 
-def cross_attention_labels(word_map: torch.Tensor) -> torch.Tensor:
-    """``[H, W]`` segment ids from one word's attention map: 1 where the map reaches
-    ``CROSS_ATTENTION_FRACTION`` of its range above its minimum, else 0 (all 0 for a flat map)."""
+def check_attention_fraction(fraction: float) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"attention_fraction must lie between 0 and 1 (default {CROSS_ATTENTION_FRACTION}), got {fraction}.")
+
+
+def cross_attention_labels(word_map: torch.Tensor, fraction: float = CROSS_ATTENTION_FRACTION) -> torch.Tensor:
+    """``[H, W]`` segment ids from one word's attention map: 1 where the map reaches ``fraction`` of its range
+    above its minimum, else 0 (all 0 for a flat map)."""
     low, high = word_map.min(), word_map.max()
     if float(high - low) <= 0:
         return torch.zeros(word_map.shape, dtype=torch.long)
-    return ((word_map - low) >= CROSS_ATTENTION_FRACTION * (high - low)).long()
+    return ((word_map - low) >= fraction * (high - low)).long()
 
 
 def localize(
@@ -151,12 +202,21 @@ def localize(
     min_instance_fraction: float = MIN_INSTANCE_FRACTION,
     synonym_threshold: float | None = None,
     segmentation: str = DIFFSEG,
+    min_score: float | None = None,
+    min_contrast: float | None = None,
+    attention_fraction: float = CROSS_ATTENTION_FRACTION,
 ) -> ConceptSet:
     """Find the objects in ``image`` until at most ``stop_fraction`` of it is unexplained; returns a ConceptSet of words, scores and disjoint masks at input size.
 
     At most ``max_concepts`` retrieval iterations run, and at most ``max_concepts`` concepts are kept; the
     loop also ends when every vocabulary word is a found word or a near-synonym of one (cosine at or above
     ``synonym_threshold``; ``None`` uses the retriever's own, 0.85 as in the reference unless the retriever says).
+    Two optional stop rules end the search early, before the found word becomes a concept: ``min_score``
+    (the retrieval probability of the next word is below it) and ``min_contrast`` (the next word's
+    :func:`attention_contrast` is below it: the model finds nothing of it in what is left). They matter for
+    ``segmentation="cross-attention"`` (whose masks keep the pixels at ``attention_fraction`` of the word's
+    attention range or above), which explains only the words' pixels, so that the unexplained fraction
+    never falls below ``stop_fraction``; ``None`` turns a rule off.
     Everything is deterministic (no sampling happens); ``seed`` seeds torch's RNG inside a forked RNG
     state for any stochastic component a custom model may have, and is recorded in the settings.
     """
@@ -165,6 +225,10 @@ def localize(
     if max_concepts < 1:
         raise ValueError(f"max_concepts must be at least 1, got {max_concepts}.")
     check_segmentation(segmentation)
+    check_attention_fraction(attention_fraction)
+    for name, value in (("min_score", min_score), ("min_contrast", min_contrast)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, or None to turn that stop rule off; got {value}.")
     image = to_image_tensor(image).cpu()
     if float(image.max()) <= 0:
         raise ValueError("The image is entirely black; there is nothing to localize. Load a photo with visible objects.")
@@ -188,6 +252,8 @@ def localize(
                 image, explained=explained, exclude=found_words, top_k=1, synonym_threshold=synonym_threshold
             )
             word, score = ranked[0]
+            if min_score is not None and score < min_score:
+                break  # the retriever is not confident that anything more is there
             found_words.append(word)
             result = segment_word(
                 bundle,
@@ -197,7 +263,11 @@ def localize(
                 kl_thresholds=kl_thresholds,
                 min_instance_fraction=min_instance_fraction,
                 segmentation=segmentation,
+                attention_fraction=attention_fraction,
             )
+            if min_contrast is not None and result.contrast < min_contrast:
+                found_words.pop()
+                break  # the model finds nothing of the word in what is left
             for instance in result.instances[: max_concepts - len(concepts)]:
                 name = unique_name(word, (c.name for c in concepts))
                 concepts.append(Concept(name=name, word=word, score=float(score), mask=instance))
@@ -215,6 +285,9 @@ def localize(
             "kl_thresholds": list(kl_thresholds),
             "min_instance_fraction": min_instance_fraction,
             "segmentation": segmentation,
+            "min_score": min_score,
+            "min_contrast": min_contrast,
+            "attention_fraction": attention_fraction,
             "retrieved_words": found_words,
             "unexplained_fraction": unexplained_fraction(explained),
         },

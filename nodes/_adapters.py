@@ -14,7 +14,6 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ._engine import engine
@@ -30,9 +29,6 @@ BUNDLE_DTYPE = torch.float32
 DIFFUSERS_MODEL_CLASS = "diffusers"  # IceModel.model_class of models loaded from a diffusers folder
 PREVIEW_FORMAT = "JPEG"  # what ComfyUI's latent previews send (latent_preview.py)
 RGB_CHANNELS = 3
-# Label drawing for concept previews: text height as a fraction of the image height, with a floor.
-LABEL_HEIGHT_FRACTION = 1 / 24
-MIN_LABEL_PX = 10
 
 
 @dataclass
@@ -183,34 +179,9 @@ def split_words(text: str) -> list[str]:
 
 
 def labelled_overlay(image: torch.Tensor, masks: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
-    """Masks ``[K, H, W]`` coloured over ``[3, H, W]``, each labelled at its centre; returns ``[3, H, W]``."""
-    from PIL import ImageDraw, ImageFont
-
-    imaging = engine("imaging")
-    if masks.shape[0] != len(labels):
-        raise ValueError(f"{masks.shape[0]} masks but {len(labels)} labels.")
-    if not labels:
-        return image.float().cpu().clone()
-    coloured = imaging.overlay_masks(image.float().cpu(), masks.float().cpu())
-    picture = imaging.tensor_to_pil(coloured)
-    draw = ImageDraw.Draw(picture)
-    height = image.shape[-2]
-    font = _label_font(max(MIN_LABEL_PX, int(height * LABEL_HEIGHT_FRACTION)), ImageFont)
-    for index, (mask, label) in enumerate(zip(masks, labels)):
-        where = torch.nonzero(mask > imaging.MASK_THRESHOLD)
-        if where.numel() == 0:
-            continue
-        y, x = (int(v) for v in where.float().mean(0))
-        colour = tuple(int(c * 255) for c in imaging.palette_colour(index))
-        draw.text((x, y), label, fill=(255, 255, 255), font=font, anchor="mm", stroke_width=2, stroke_fill=colour)
-    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255.0
-
-
-def _label_font(size: int, image_font):
-    try:
-        return image_font.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return image_font.load_default()
+    """Masks ``[K, H, W]`` coloured over ``[3, H, W]``, each labelled at its centre; returns ``[3, H, W]``
+    (the engine's :func:`ice_ops.imaging.labelled_overlay`)."""
+    return engine("imaging").labelled_overlay(image, masks, labels)
 
 
 # ---------------------------------------------------------------------- progress and cancel

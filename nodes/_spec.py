@@ -57,6 +57,7 @@ MAX_TOYWORLD_SCENE = 99_999
 # Working resolution widget: SD 1.x/2.x sizes are multiples of 64 (VAE /8 x UNet /8); 2048 is 4x SD 1.5's.
 WORKING_RESOLUTION_STEP = 64
 MAX_WORKING_RESOLUTION = 2048
+MAX_MIN_CONTRAST = 100.0  # Localize Concepts' stop rule: real objects' attention contrasts stay far below this
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,13 @@ NODES: tuple[NodeSpec, ...] = (
             ),
             _seed("Seed recorded with the concepts (localization itself does not sample)."),
             _segmentation(),
+            InputSpec(
+                "min_contrast", "FLOAT",
+                "Stop rule for segmentation = cross-attention (0 = off): stop when the next word attends less than "
+                "this many times more to its own mask than to the rest of the unexplained image, i.e. the model "
+                "finds nothing more of it. The Toy World workflow sets the value calibrated for its model.",
+                default=0.0, min=0.0, max=MAX_MIN_CONTRAST, step=0.1, optional=True,  # graphs saved before it keep running
+            ),
         ),
         outputs=(
             OutputSpec("concepts", ICE_CONCEPTS, "Words and masks of the objects found."),

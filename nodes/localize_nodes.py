@@ -61,13 +61,13 @@ class IterativeLocalize(io.ComfyNode):
     @classmethod
     def execute(
         cls, ice_model, retriever, image, stop_fraction: float, max_concepts: int, seed: int,
-        segmentation: str = "diffseg",
+        segmentation: str = "diffseg", min_contrast: float = 0.0,
     ) -> io.NodeOutput:
         picture = image_to_engine(image)
         with engine_session(ice_model.bundle, retriever):
             concepts = engine("localize").localize(
                 ice_model.bundle, retriever, picture, stop_fraction=stop_fraction, max_concepts=max_concepts,
-                seed=seed, callback=ProgressReporter(), segmentation=segmentation,
+                seed=seed, callback=ProgressReporter(), segmentation=segmentation, min_contrast=min_contrast or None,
             )
         masks = concepts.masks()
         preview = labelled_overlay(picture, masks, concepts.names)

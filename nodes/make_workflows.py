@@ -39,7 +39,8 @@ TOYWORLD_SCENE = 3
 TOYWORLD_LEARN_STEPS = 100
 TOYWORLD_PROMPT = "a circle in [square.colour]"
 TOYWORLD_MAX_OBJECTS = 3  # ice_ops.toyworld.scenes.MAX_OBJECTS
-TOYWORLD_SEGMENTATION = "cross-attention"  # ice_ops.toyworld.SEGMENTATION: the toy UNet's self-attention is uniform
+TOYWORLD_SEGMENTATION = "cross-attention"  # ice_ops.toyworld.SEGMENTATION (see its note)
+TOYWORLD_MIN_CONTRAST = 4.0  # ice_ops.toyworld.MIN_CONTRAST: the stop rule calibrated for the toy model
 SEED_CONTROL = "fixed"  # value stored after a seed widget in UI format
 IMAGE_UPLOAD_VALUE = "image"  # value stored after LoadImage's image widget
 
@@ -79,7 +80,7 @@ def _retriever_step(step_id: int, weights: str, column: int, row: int) -> Step:
 
 
 def _localize_step(step_id: int, model: int, retriever: int, image: int, column: int, row: int, **widgets) -> Step:
-    defaults = {"stop_fraction": 0.05, "max_concepts": 6, "seed": 0, "segmentation": "diffseg"}
+    defaults = {"stop_fraction": 0.05, "max_concepts": 6, "seed": 0, "segmentation": "diffseg", "min_contrast": 0.0}
     return Step(step_id, "ICE_IterativeLocalize", {**defaults, **widgets},
                 {"ice_model": (model, 0), "retriever": (retriever, 0), "image": (image, 0)}, column, row)
 
@@ -123,7 +124,7 @@ def _toyworld_steps() -> list[Step]:
         Step(2, "ICE_ToyWorldScene", {"scene": TOYWORLD_SCENE}, column=0, row=1),
         _retriever_step(3, TOYWORLD_MODEL, column=0, row=2),
         _localize_step(4, model=1, retriever=3, image=2, column=1, row=0, max_concepts=TOYWORLD_MAX_OBJECTS,
-                       segmentation=TOYWORLD_SEGMENTATION),
+                       segmentation=TOYWORLD_SEGMENTATION, min_contrast=TOYWORLD_MIN_CONTRAST),
         Step(5, "ICE_PreviewConcepts", {}, {"image": (2, 0), "concepts": (4, 0)}, 1, 1),
         Step(6, "ICE_LearnObjectTokens", learn, {"ice_model": (1, 0), "image": (2, 0), "concepts": (4, 0)}, 2, 0),
         Step(7, "ICE_LearnIntrinsicTokens", {"anchors": "material, colour", "refine_steps": 0, **learn},

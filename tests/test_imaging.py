@@ -54,3 +54,72 @@ def test_resized_disjoint_masks_stay_disjoint():
     assert ra.shape == (77, 91)
     assert float((ra * rb).sum()) == 0
     assert set(ra.unique().tolist()) <= {0.0, 1.0}
+
+
+# ---------------------------------------------------------------------- labelled overlays
+def _changed(a, b, tolerance=0.02):
+    return (a - b).abs().amax(0) > tolerance
+
+
+def test_labelled_overlay_writes_each_word_on_its_own_mask_legibly():
+    from ice_ops.imaging import labelled_overlay, overlay_masks
+
+    image = torch.full((3, 256, 256), 0.5)
+    masks = torch.zeros(2, 256, 256)
+    masks[0, 20:120, 20:120] = 1
+    masks[1, 140:240, 120:240] = 1
+    out = labelled_overlay(image, masks, ["cup", "table"], text_px=22)
+    plain = overlay_masks(image, masks)
+    assert out.shape == (3, 256, 256) and out.dtype == torch.float32
+    changed = _changed(out, plain)
+    for mask in masks:
+        rows, columns = torch.nonzero(changed & (mask > 0.5), as_tuple=True)
+        assert len(rows) > 50, "a word is written on each mask"
+        ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+        assert abs(float(rows.float().mean() - ys.float().mean())) < 10, "at the mask's centre (rows)"
+        assert abs(float(columns.float().mean() - xs.float().mean())) < 20, "at the mask's centre (columns)"
+    text = out[:, changed]
+    assert (text.amin(0) > 0.9).any() and (text.amax(0) < 0.1).any(), "light letters with a dark outline"
+    assert not changed[:, :10].any() and not changed[:10].any(), "nothing is drawn away from the masks"
+
+
+def test_labelled_overlay_keeps_a_label_inside_the_picture_and_on_a_ring():
+    from PIL import Image
+
+    from ice_ops.imaging import draw_label, label_anchor
+
+    picture = Image.new("RGB", (128, 128), (128, 128, 128))
+    left, top, right, bottom = draw_label(picture, "triangle", (126, 2), 20)
+    assert left >= 0 and top >= 0 and right <= 128 and bottom <= 128, "a label at the edge is moved inwards"
+    ring = torch.zeros(64, 64)
+    ring[10:54, 10:54] = 1
+    ring[20:44, 20:44] = 0
+    x, y = label_anchor(ring)
+    assert ring[y, x] == 1, "a label goes on the mask even when its centre of mass is a hole"
+    assert label_anchor(torch.zeros(8, 8)) is None
+
+
+def test_labelled_overlay_colours_follow_the_given_indices_and_refuse_missing_labels():
+    from ice_ops.imaging import labelled_overlay, palette_colour
+
+    image = torch.zeros(3, 96, 96)
+    mask = torch.zeros(1, 96, 96)
+    mask[0, :8, :8] = 1
+    first = labelled_overlay(image, mask, [""], colour_indices=[2])
+    expected = torch.tensor(palette_colour(2)) * 0.5
+    assert torch.allclose(first[:, 0, 0], expected, atol=1 / 255 + 1e-6), "mask k takes palette colour k"
+    with pytest.raises(ValueError, match="one label per mask"):
+        labelled_overlay(image, mask, [])
+    assert torch.equal(labelled_overlay(image, mask[:0], []), image)
+
+
+def test_upscale_nearest_keeps_pixels_sharp():
+    from ice_ops.imaging import upscale_nearest
+
+    small = torch.rand(3, 64, 64)
+    big = upscale_nearest(small, 4)
+    assert big.shape == (3, 256, 256)
+    assert torch.equal(big[:, ::4, ::4], small) and torch.equal(big[:, 3::4, 3::4], small)
+    assert upscale_nearest(torch.ones(2, 4, 4, dtype=torch.bool), 2).dtype == torch.bool
+    with pytest.raises(ValueError, match="whole number"):
+        upscale_nearest(small, 0)

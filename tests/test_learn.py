@@ -196,3 +196,24 @@ def test_the_transport_grid_keeps_16_cells_and_pools_larger_grids():
     assert transport_grid((8, 12)) == (8, 12)
     assert transport_grid((24, 24)) == (12, 12)  # SD 2.x-v at 768²
     assert transport_grid((64, 48)) == (16, 12)
+
+
+def test_textual_inversion_baseline_learns_one_token_per_concept_and_nothing_else(tiny_bundle):
+    from ice_ops.compose import compose
+    from ice_ops.learn import learn_textual_inversion
+    from ice_ops.tokens import PlaceholderText
+
+    image, concepts = _scene()
+    before = _snapshot(tiny_bundle)
+    log = []
+    result = learn_textual_inversion(tiny_bundle, image, concepts, steps=8, lr=5e-2, seed=1,
+                                     monitor=lambda step, values: log.append(values))
+    _assert_same(before, _snapshot(tiny_bundle))
+    text = PlaceholderText(tiny_bundle.tokenizer, tiny_bundle.text_encoder)
+    for concept in result.concepts:
+        assert set(concept.vectors) == {"object"}
+        assert not torch.allclose(concept.vectors["object"], text.word_init(concept.word).float())  # it moved
+    assert len(log) == 8 and all(values["regulariser"] == 0.0 for values in log)
+    compose(tiny_bundle, result, "a photo of [ball]")  # [name] stands for the one token
+    with pytest.raises(ValueError, match="colour"):
+        compose(tiny_bundle, result, "a photo of [ball.colour]")

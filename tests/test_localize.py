@@ -185,3 +185,48 @@ def test_localize_records_the_segmentation_and_refuses_unknown_ones(tiny_bundle,
         localize(tiny_bundle, tiny_retriever, _image(), segmentation="kmeans")
     with pytest.raises(ValueError, match="Unknown segmentation"):
         segment_word(tiny_bundle, _image(), "ball", segmentation="")
+
+
+def test_attention_contrast_is_high_for_a_focused_word_and_near_one_for_a_spread_one():
+    from ice_ops.localize import attention_contrast
+
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:2, :2] = True
+    everywhere = torch.ones(8, 8, dtype=torch.bool)
+    focused = torch.full((8, 8), 0.01)
+    focused[:2, :2] = 0.2
+    assert attention_contrast(focused, mask, everywhere) == pytest.approx(20.0)
+    assert attention_contrast(torch.full((8, 8), 0.1), mask, everywhere) == pytest.approx(1.0)
+    assert attention_contrast(focused, torch.zeros_like(mask), everywhere) == 0.0
+    region = mask.clone()  # the mask covers everything still unexplained
+    assert attention_contrast(focused, mask, region) == float("inf")
+
+
+def _fake_segmenter(contrasts):
+    """segment_word stand-in: word i gets a quarter of the image and attention contrast contrasts[i]."""
+    calls = []
+
+    def segment(bundle, image, word, **kwargs):
+        index = len(calls)
+        calls.append(word)
+        mask = torch.zeros(64, 64)
+        mask[(index // 2) * 32:(index // 2 + 1) * 32, (index % 2) * 32:(index % 2 + 1) * 32] = 1.0
+        return SegmentResult(word=word, mask=mask, instances=[mask], removed=mask, labels=mask.long(),
+                             contrast=contrasts[index])
+
+    return segment, calls
+
+
+def test_min_contrast_stops_before_a_word_the_model_finds_nothing_of(tiny_bundle, tiny_retriever, monkeypatch):
+    segment, calls = _fake_segmenter([9.0, 5.0, 1.2, 8.0])
+    monkeypatch.setattr(localize_module, "segment_word", segment)
+    concepts = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=4, synonym_threshold=1.0,
+                        segmentation="cross-attention", min_contrast=4.0)
+    assert len(concepts) == 2 and len(calls) == 3  # the third word (contrast 1.2) ended the search
+    assert concepts.settings["retrieved_words"] == calls[:2] and concepts.settings["min_contrast"] == 4.0
+    segment, calls = _fake_segmenter([9.0, 5.0, 1.2, 8.0])
+    monkeypatch.setattr(localize_module, "segment_word", segment)
+    assert len(localize(tiny_bundle, tiny_retriever, _image(), max_concepts=4, synonym_threshold=1.0,
+                        segmentation="cross-attention")) == 4  # off by default
+    with pytest.raises(ValueError, match="min_contrast"):
+        localize(tiny_bundle, tiny_retriever, _image(), min_contrast=-1.0)

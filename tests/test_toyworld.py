@@ -133,14 +133,40 @@ def test_hungarian_matching_pairs_each_true_mask_with_its_best_prediction():
 
 
 def test_summary_counts_unmatched_objects_as_misses():
-    from ice_ops.toyworld.evaluate import SceneScore, summarise
+    from ice_ops.toyworld.evaluate import ICE, MethodScore, SceneScore, summarise
 
-    scores = [SceneScore([1.0, 0.0], [True, False], False, [True], [False], [True])]
+    ice = MethodScore(colour=[True], material=[False], swap=[True, False], swap_attribute=[True, True],
+                      swap_shape=[True, False])
+    scores = [SceneScore([1.0, 0.0], [True, False], False, {ICE: ice})]
     summary = summarise(scores)
     assert summary["stage_one_miou"] == 0.5
     assert summary["word_top1"] == 0.5
     assert summary["count_accuracy"] == 0.0
     assert summary["attribute_accuracy"] == 0.5
+    assert summary["swap_accuracy"] == 0.5 and summary["swap_attribute_accuracy"] == 1.0
+
+
+def test_each_method_is_summarised_from_its_own_results_only():
+    from ice_ops.toyworld.evaluate import BASELINE, ICE, MethodScore, SceneScore, summarise_method
+
+    scores = [
+        SceneScore([1.0], [True], True, {ICE: MethodScore(swap=[True]), BASELINE: MethodScore(swap=[False])}),
+        SceneScore([1.0], [True], True, {ICE: MethodScore(swap=[True])}),
+    ]
+    assert summarise_method(scores, ICE)["swap_accuracy"] == 1.0
+    assert summarise_method(scores, BASELINE)["swap_accuracy"] == 0.0
+    assert summarise_method(scores, BASELINE)["colour_accuracy"] is None
+
+
+def test_progress_line_names_the_scene_the_words_and_the_time_left():
+    from ice_ops.toyworld.evaluate import ICE, progress_line
+
+    row = {"seed": 7, "true_words": ["square"], "found_words": ["square"], "ious": [0.8125],
+           ICE: {"colour": [True], "material": [False], "swap": [True, False]}}
+    line = progress_line(1, 4, row, elapsed=60.0)
+    assert line.startswith("scene 2/4 (seed 7)")
+    assert "IoU 0.81" in line and "attributes 1/2" in line and "swaps 1/2" in line
+    assert "1.0 min left" in line  # 30 s a scene, two scenes left
 
 
 def test_oracle_concepts_carry_the_true_words_and_masks():
@@ -173,15 +199,16 @@ def test_open_clip_text_tower_converts_to_an_equal_clip_text_model():
 
 
 # ------------------------------------------------------------------------------------------ shipped model
-from ice_ops.toyworld import SEGMENTATION, embedded_weights_present  # noqa: E402
+from ice_ops.toyworld import embedded_weights_present, localize_settings  # noqa: E402
 
 needs_weights = pytest.mark.skipif(not embedded_weights_present(), reason="the Toy World weights are not shipped")
 
-# Regression floors for the shipped model on the demo scene (localization is deterministic). Measured with the
-# shipped weights: mIoU 0.39 (square 0.66, cross 0.51, triangle 0.00), word accuracy 1/3; on 50 held-out scenes
-# Stage One reaches mIoU 0.33 (the issue's goal is 0.85: see the model card for what limits it).
+# Regression floors for the shipped model on the demo scene (localization is deterministic), set below what
+# the shipped weights measure: mIoU 0.65 (square 0.61, cross 0.60, triangle 0.74) with three concepts for three
+# objects, but all three named "square" (word accuracy 1/3): the noun's attention covers every object of this
+# scene. The issue-5 model measured mIoU 0.39 here. Held-out figures are in the model card.
 FIXED_SCENE_SEED = sc.held_out_seed(3)
-MIN_FIXED_SCENE_MIOU = 0.3
+MIN_FIXED_SCENE_MIOU = 0.55
 MIN_FIXED_SCENE_WORD_ACCURACY = 0.3
 MAX_SHIPPED_BYTES = 50 * 1024 * 1024  # the issue's budget for the shipped weights
 
@@ -219,7 +246,8 @@ def test_shipped_model_localizes_and_learns_a_fixed_scene(embedded):
 
     bundle, retriever = embedded
     scene = sc.make_scene(FIXED_SCENE_SEED)
-    concepts = localize(bundle, retriever, scene.image, max_concepts=sc.MAX_OBJECTS, segmentation=SEGMENTATION)
+    concepts = localize(bundle, retriever, scene.image, **localize_settings())
+    assert len(concepts) == len(scene.objects)
     pairs = match_masks(concepts.masks() > 0.5, scene.masks)
     ious = [0.0] * len(scene.objects)
     words = [False] * len(scene.objects)
@@ -242,16 +270,32 @@ def test_demo_command_writes_the_sheet_and_report_and_never_overwrites(tmp_path,
     from PIL import Image
 
     from ice_ops.__main__ import main
-    from ice_ops.toyworld.demo import REPORT_NAME, SHEET_NAME
+    from ice_ops.toyworld.demo import DEMO_SCENE_SEED, REPORT_NAME, SHEET_NAME, TILE_MIN_PX, demo_prompts
 
     out = str(tmp_path / "demo")
-    assert main(["--quiet", "demo", "--out", out, "--learn-steps", "2", "--device", "cpu"]) == 0
-    assert os.path.join(out, SHEET_NAME) in capsys.readouterr().out
-    with Image.open(os.path.join(out, SHEET_NAME)) as sheet:
-        assert sheet.format == "PNG" and sheet.width > sheet.height / 4
+    assert main(["demo", "--out", out, "--learn-steps", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    assert os.path.join(out, SHEET_NAME) in printed.out
+    # stderr is not a terminal here: a few plain progress lines per phase, no bar redrawn in place
+    lines = printed.err.split("\n")
+    for phase in ("Stage One: finding objects: ", "Stage Two: object tokens: 2/2", "Stage Two: intrinsic tokens: 2/2",
+                  "generating: "):
+        assert any(line.startswith(phase) for line in lines), phase
+    assert "\rStage" not in printed.err and "\rgenerating" not in printed.err
     with open(os.path.join(out, REPORT_NAME), encoding="utf-8") as handle:
         report = json.load(handle)
+    assert {"scene_seed", "caption", "found", "prompts", "learn_steps"} <= set(report)
     assert report["found"] and all(entry["word"] in sc.SHAPES for entry in report["found"])
+    true_words = sc.make_scene(DEMO_SCENE_SEED).words
+    for entry in report["found"]:
+        assert {"name", "word", "score", "true_word", "iou"} <= set(entry)
+        assert entry["true_word"] is None or (entry["true_word"] in true_words and 0 < entry["iou"] <= 1)
+    assert any(entry["true_word"] for entry in report["found"]), "the demo scene's objects are found"
+    # a first row (scene, found, truth), then per concept: found mask, true mask, one tile per prompt
+    columns = 2 + len(demo_prompts("square", "square"))
+    with Image.open(os.path.join(out, SHEET_NAME)) as sheet:
+        assert sheet.format == "PNG"
+        assert sheet.width >= columns * TILE_MIN_PX and sheet.height >= (1 + len(report["found"])) * TILE_MIN_PX
     with pytest.raises(SystemExit) as stopped:
         main(["--quiet", "demo", "--out", out, "--learn-steps", "2", "--device", "cpu"])
     assert stopped.value.code == 2

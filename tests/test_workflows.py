@@ -158,6 +158,7 @@ def test_toyworld_demo_workflow_uses_the_toy_models_settings_and_the_demo_scene(
 
     assert make_workflows.TOYWORLD_MAX_OBJECTS == scenes.MAX_OBJECTS
     assert make_workflows.TOYWORLD_SEGMENTATION == toyworld.SEGMENTATION
+    assert make_workflows.TOYWORLD_MIN_CONTRAST == toyworld.MIN_CONTRAST
     assert scenes.held_out_seed(make_workflows.TOYWORLD_SCENE) == demo.DEMO_SCENE_SEED
     prompt = load_api("ice_toyworld_demo")
     assert {node["class_type"] for node in prompt.values()} >= {

@@ -16,9 +16,21 @@ CLIP_WEIGHTS_PATH = os.path.join(WEIGHTS_DIR, "open_clip.safetensors")
 # The toy CLIP's text space holds little more than the Toy World words, all close together (the retrieval
 # template dominates), so only words already found are excluded, never their "near-synonyms".
 SYNONYM_THRESHOLD = 1.0
-# The toy UNet's self-attention is uniform to within 0.2 % of its entropy, so DiffSeg finds one segment;
-# Stage One on this model thresholds the noun's cross-attention instead (ice_ops.localize).
+# Stage One on this model thresholds the noun's cross-attention: its self-attention was taught to stay within
+# objects, but DiffSeg's labelling of the segments still misses the nouns (docs/DECISIONS.md, Toy World).
 SEGMENTATION = "cross-attention"
+# Stop rule of cross-attention mode, chosen by `python -m ice_ops.toyworld.calibrate` on 64 validation scenes
+# (never on the reported ones): stop when the next word attends less than 4x more to its mask than elsewhere.
+MIN_CONTRAST = 4.0
+
+
+def localize_settings() -> dict:
+    """Keyword arguments of ``ice_ops.localize.localize`` for the Toy World model (the evaluation, the demo
+    and the tests all localize with these)."""
+    from .scenes import MAX_OBJECTS
+
+    return {"segmentation": SEGMENTATION, "synonym_threshold": SYNONYM_THRESHOLD, "max_concepts": MAX_OBJECTS,
+            "min_contrast": MIN_CONTRAST}
 
 
 def embedded_weights_present() -> bool:

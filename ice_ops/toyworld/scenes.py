@@ -5,8 +5,9 @@ background is a low-saturation texture, so saturation alone separates objects fr
 All words are single pieces of the CLIP BPE vocabulary (checked in the tests), which makes token
 positions and labels unambiguous. Rendering is pure numpy and deterministic for a given seed.
 
-Seeds: training uses seeds below :data:`HELD_OUT_SEED_OFFSET`; evaluation adds that offset, so the two
-sets never share a scene.
+Seeds: training uses seeds below :data:`VALIDATION_SEED_OFFSET`; validation (choosing checkpoints and
+thresholds) uses seeds from there up to :data:`HELD_OUT_SEED_OFFSET`; the reported evaluation adds that
+offset, so the three sets never share a scene.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 
 DEFAULT_SIZE = 64
 MAX_OBJECTS = 3
-HELD_OUT_SEED_OFFSET = 1_000_000_000  # evaluation seeds start here; training seeds stay below it
+VALIDATION_SEED_OFFSET = 500_000_000  # validation seeds start here; training seeds stay below it
+HELD_OUT_SEED_OFFSET = 1_000_000_000  # evaluation seeds start here
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
 # Fully saturated palette with hues at least 25 degrees apart, so a hue read-out separates them.
@@ -269,6 +271,13 @@ def make_scene(
         objects.append(SceneObject(shape, colour, material, torch.from_numpy(mask), (float(centre[0]), float(centre[1])), float(radius)))
     image = torch.from_numpy(canvas.transpose(2, 0, 1).copy()).float()
     return Scene(image=image, objects=tuple(objects), seed=seed, caption=make_caption(objects))
+
+
+def validation_seed(index: int) -> int:
+    """Seed of validation scene ``index``: for choosing checkpoints and thresholds, never reported."""
+    if not 0 <= index < HELD_OUT_SEED_OFFSET - VALIDATION_SEED_OFFSET:
+        raise ValueError(f"Validation scene index {index} is outside the validation range.")
+    return VALIDATION_SEED_OFFSET + index
 
 
 def held_out_seed(index: int, seed: int = 0) -> int:

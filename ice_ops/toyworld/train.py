@@ -26,7 +26,13 @@ import torch.nn.functional as F
 
 from ..files import write_bytes_atomic
 from ..text import build_clip_tokenizer
-from .scenes import COLOURS, MATERIALS, SHAPES, make_caption, make_scene
+from .scenes import (
+    COLOURS, HELD_OUT_SEED_OFFSET, MATERIALS, MAX_OBJECTS, SHAPES, VALIDATION_SEED_OFFSET, make_scene, validation_seed,
+)
+from .supervision import (
+    EMPTY_CAPTION, SUPERVISED_TIMESTEP_FRACTION, AttentionLosses, Caption, SupervisionTargets, attention_probe, install_supervision,
+    phrase_caption, remove_supervision, stage_one_caption,
+)
 
 SCENE_SIZE = 64
 TEXT_CONTEXT = 77
@@ -35,15 +41,11 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 RETRIEVER_TEMPLATE = "a photo of a {}."  # ClipRetriever's default template
 
+# One CLIP for both roles, as in Stable Diffusion: its image and text towers rank words for Stage One (the
+# retriever) and its frozen text tower is the UNet's text encoder. A small ResNet image tower: on a 2-core
+# CPU a ViT of the same budget learns colours in minutes but shapes only slowly (zero-shot shape 0.36 after
+# 11 minutes), a convolutional tower reaches 0.98.
 CLIP_CONFIG = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": SCENE_SIZE, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": TEXT_CONTEXT, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
-}
-# The retriever: a small ResNet CLIP. On a busy 2-core CPU the ViT above learns colours in minutes but
-# shapes only slowly (zero-shot shape 0.23 after 243 steps); a convolutional image tower learns shapes far
-# faster per CPU second. Its text tower only has to rank the shape words, so it is narrower.
-RETRIEVER_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": SCENE_SIZE, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32},
     "text_cfg": {"context_length": TEXT_CONTEXT, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
@@ -72,6 +74,9 @@ UNET_CONFIG = {
     "norm_num_groups": 32,
 }
 CAPTION_DROPOUT = 0.1  # SD's unconditional share
+STAGE_ONE_CAPTION_SHARE = 0.3  # captions in Stage One's prompt form "<shape> things background"
+SINGLE_PHRASE_SHARE = 0.15  # captions naming one object of the scene
+BLANKED_SHARE = 0.3  # training images with some objects painted black, as Stage One sees later iterations
 VAE_KL_WEIGHT = 1e-6  # LDM's KL-f autoencoders
 WARMUP_STEPS = 50
 # Toy World captions need at most 21 tokens with start and end; the towers are causal, so training on the
@@ -83,22 +88,26 @@ LOG_EVERY = 10
 @dataclass
 class Plan:
     seed: int = 0
-    scenes: int = 12000
+    scenes: int = 8000
     clip_steps: int = 3000
-    clip_minutes: float = 10.0
-    clip_batch: int = 128
-    clip_lr: float = 5e-4
+    clip_minutes: float = 35.0
+    clip_batch: int = 64
+    clip_lr: float = 1e-3
     vae_steps: int = 4000
-    vae_minutes: float = 12.0
+    vae_minutes: float = 10.0
     vae_batch: int = 32
     vae_lr: float = 1e-3
     unet_steps: int = 20000
-    unet_minutes: float = 30.0
+    unet_minutes: float = 45.0
     unet_batch: int = 32
     unet_lr: float = 3e-4
-    # > 0: also train the ResNet retriever (RETRIEVER_CONFIG) for this long and ship it as the retriever
-    # instead of the ViT CLIP; 0: the ViT CLIP whose text tower the UNet uses is also the retriever.
-    retriever_minutes: float = 0.0
+    # Attention supervision on the training scenes (ice_ops.toyworld.supervision); 0 turns a term off.
+    cross_attention_weight: float = 1.0
+    self_attention_weight: float = 0.3
+    # Every probe_every UNet steps the pointing probe runs on probe_scenes validation scenes; the best
+    # checkpoint by its IoU is the one written.
+    probe_every: int = 300
+    probe_scenes: int = 64
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -117,23 +126,55 @@ def build_dataset(count: int, first_seed: int, size: int = SCENE_SIZE) -> Datase
     for seed in range(first_seed, first_seed + count):
         scene = make_scene(seed, size)
         images.append((scene.image * 255).round().to(torch.uint8))
-        padded = torch.zeros(3, size, size, dtype=torch.bool)
+        padded = torch.zeros(MAX_OBJECTS, size, size, dtype=torch.bool)
         padded[: len(scene.objects)] = scene.masks
         masks.append(padded)
         attributes.append([(o.shape, o.colour, o.material) for o in scene.objects])
     return Dataset(torch.stack(images), torch.stack(masks), attributes)
 
 
-def _phrase_caption(objects: list[tuple[str, str, str]]) -> str:
-    from .scenes import SceneObject
+def training_first_seed(plan: Plan) -> int:
+    """First scene seed of ``plan``'s training range (``plan.scenes`` consecutive seeds)."""
+    first = plan.seed * plan.scenes
+    if first + plan.scenes > min(VALIDATION_SEED_OFFSET, HELD_OUT_SEED_OFFSET):
+        raise ValueError(
+            f"--seed {plan.seed} with --scenes {plan.scenes} reaches the validation and held-out seed ranges; "
+            "use a smaller --seed."
+        )
+    return first
 
-    fake = [SceneObject(s, c, m, torch.zeros(0), (0.0, 0.0), 0.0) for s, c, m in objects]
-    return make_caption(fake)
+
+def blanked_variant(data: Dataset, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage One blanks what it has explained: for every scene with several objects, a copy with a random
+    non-empty proper subset of them painted black. Returns (uint8 images, bool ``[N, MAX]`` objects kept)."""
+    images = data.images.clone()
+    kept = torch.zeros(len(data.images), MAX_OBJECTS, dtype=torch.bool)
+    for row, objects in enumerate(data.attributes):
+        count = len(objects)
+        kept[row, :count] = True
+        if count > 1:
+            drop = rng.choice(count, size=int(rng.integers(1, count)), replace=False)
+            for d in drop.tolist():
+                kept[row, d] = False
+                images[row][:, data.masks[row, d]] = 0
+    return images, kept
+
+
+def clip_caption(objects: list[tuple[str, str, str]], rng: np.random.Generator) -> str:
+    """A caption of ``objects`` for contrastive training: the retriever's template with one shape (half
+    the time), Stage One's prompt form, or the objects' phrases, often naming the background."""
+    draw = rng.random()
+    if draw < 0.5:
+        return RETRIEVER_TEMPLATE.format(objects[0][0])
+    if draw < 0.6:
+        return stage_one_caption(0, objects[0][0]).text
+    regions = list(enumerate(objects))
+    return phrase_caption(regions, photo=rng.random() < 0.25, background=rng.random() < 0.5).text
 
 
 def clip_batch(data: Dataset, index: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
     """Images with some objects blanked to black (as Stage One blanks explained regions) and a caption
-    of what is left: the full caption or the retriever's template with one remaining shape."""
+    of what is left."""
     images = data.floats(index)
     captions = []
     for row, scene_index in enumerate(index.tolist()):
@@ -146,20 +187,26 @@ def clip_batch(data: Dataset, index: torch.Tensor, rng: np.random.Generator) -> 
             keep = [k for k in keep if k not in set(drop.tolist())]
         kept = [objects[k] for k in keep]
         rng.shuffle(kept)
-        if rng.random() < 0.5:
-            captions.append(_phrase_caption(kept))
-        else:
-            captions.append(RETRIEVER_TEMPLATE.format(kept[0][0]))
+        captions.append(clip_caption(kept, rng))
     return images, captions
 
 
-def unet_caption(objects: list[tuple[str, str, str]], rng: np.random.Generator) -> str:
-    if rng.random() < CAPTION_DROPOUT:
-        return ""
-    shuffled = list(objects)
-    rng.shuffle(shuffled)
-    caption = _phrase_caption(shuffled)
-    return "a photo of " + caption if rng.random() < 0.25 else caption
+def unet_caption(objects: list[tuple[str, str, str]], present: list[int], rng: np.random.Generator) -> Caption:
+    """A training caption for the objects whose indices are in ``present``, with the region of each word:
+    empty (SD's unconditional share), Stage One's prompt for one object, one object's phrase, or all of them
+    in random order, often with "a photo of" and "on a textured background"."""
+    draw = rng.random()
+    if draw < CAPTION_DROPOUT:
+        return EMPTY_CAPTION
+    if draw < CAPTION_DROPOUT + STAGE_ONE_CAPTION_SHARE:
+        region = int(rng.choice(present))
+        return stage_one_caption(region, objects[region][0])
+    if draw < CAPTION_DROPOUT + STAGE_ONE_CAPTION_SHARE + SINGLE_PHRASE_SHARE:
+        region = int(rng.choice(present))
+        return phrase_caption([(region, objects[region])], photo=False, background=rng.random() < 0.5)
+    order = list(present)
+    rng.shuffle(order)
+    return phrase_caption([(r, objects[r]) for r in order], photo=rng.random() < 0.25, background=rng.random() < 0.5)
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -230,10 +277,24 @@ def clip_tokenizer():
     return open_clip.SimpleTokenizer(context_length=TEXT_CONTEXT)
 
 
-def train_clip(data: Dataset, plan: Plan, device: torch.device, config: dict = CLIP_CONFIG) -> tuple[torch.nn.Module, dict]:
+def load_clip(folder: str, config: dict = CLIP_CONFIG) -> torch.nn.Module:
+    """The CLIP saved by :func:`write_clip` in ``folder`` (fp32)."""
+    from safetensors.torch import load_file
+
+    saved = json.loads(open(os.path.join(folder, "open_clip_config.json"), encoding="utf-8").read())["model_cfg"]
+    if saved != json.loads(json.dumps(config)):
+        raise ValueError(f"The CLIP in {folder!r} has another architecture than train.CLIP_CONFIG; train a new one.")
+    model = build_clip(config)
+    model.load_state_dict({k: v.float() for k, v in load_file(os.path.join(folder, "open_clip.safetensors")).items()})
+    return model
+
+
+def train_clip(data: Dataset, plan: Plan, device: torch.device, config: dict = CLIP_CONFIG,
+               init: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict]:
+    """Contrastive training of a fresh CLIP (or further training of ``init``)."""
     torch.manual_seed(plan.seed)
     rng = np.random.default_rng(plan.seed)
-    model = build_clip(config).to(device).train()
+    model = (init if init is not None else build_clip(config)).to(device).train()
     tokenizer = clip_tokenizer()
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.clip_lr, weight_decay=0.1, betas=(0.9, 0.98))
     budget = Budget(plan.clip_steps, plan.clip_minutes)
@@ -283,11 +344,11 @@ def clip_zero_shot(model, device: torch.device, count: int = 300) -> dict:
     return {"clip_zero_shot_shape": round(shape_acc, 3), "clip_zero_shot_colour": round(correct / count, 3)}
 
 
-def open_clip_text_to_transformers(model):
+def open_clip_text_to_transformers(model, config: dict = CLIP_CONFIG):
     """The open_clip text tower as a transformers ``CLIPTextModel`` (same hidden states)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_cfg = CLIP_CONFIG["text_cfg"]
+    text_cfg = config["text_cfg"]
     width = text_cfg["width"]
     config = CLIPTextConfig(
         vocab_size=text_cfg["vocab_size"],
@@ -298,7 +359,7 @@ def open_clip_text_to_transformers(model):
         max_position_embeddings=text_cfg["context_length"],
         hidden_act="gelu",  # open_clip uses exact GELU unless quick_gelu is set
         layer_norm_eps=1e-5,
-        projection_dim=CLIP_CONFIG["embed_dim"],
+        projection_dim=config["embed_dim"],
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=0,
@@ -376,70 +437,166 @@ def train_vae(data: Dataset, plan: Plan, device: torch.device):
 
 # --------------------------------------------------------------------------------------------- UNet
 @torch.no_grad()
-def encode_dataset(vae, data: Dataset, device: torch.device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(vae, images: torch.Tensor, device: torch.device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations of uint8 ``images``."""
     means, stds = [], []
-    for start in range(0, len(data.images), batch):
-        index = torch.arange(start, min(start + batch, len(data.images)))
-        posterior = vae.encode(data.floats(index).to(device) * 2 - 1).latent_dist
+    for start in range(0, len(images), batch):
+        pixels = images[start:start + batch].float().to(device) / 255.0 * 2 - 1
+        posterior = vae.encode(pixels).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(data: Dataset, vae, text_encoder, tokenizer, plan: Plan, device: torch.device, unet=None):
-    """Train ``unet`` (a fresh UNET_CONFIG model when None) on the scenes' latents."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def region_stack(masks: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """float ``[B, MAX + 1, H, W]``: the kept objects' masks, then the background (everything else)."""
+    objects = (masks & kept[:, :, None, None]).float()
+    background = 1.0 - objects.amax(1, keepdim=True)
+    return torch.cat([objects, background], dim=1)
+
+
+@dataclass
+class UnetTraining:
+    """What one UNet training run needs besides the UNet."""
+
+    data: Dataset
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+
+
+def new_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(UNET_CONFIG)
+
+
+def initialise_unet_from(unet, folder: str) -> dict:
+    """Copy every tensor of the diffusers UNet in ``folder`` whose name and shape match (a warm start: a
+    text encoder of another width changes only the cross-attention key and value projections)."""
+    from safetensors.torch import load_file
+
+    source = load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    target = unet.state_dict()
+    copied = {k: v.float() for k, v in source.items() if k in target and target[k].shape == v.shape}
+    unet.load_state_dict(copied, strict=False)
+    return {"unet_init_tensors_copied": len(copied), "unet_init_tensors_new": len(target) - len(copied)}
+
+
+def validation_scenes(count: int) -> list:
+    return [make_scene(validation_seed(i)) for i in range(count)]
+
+
+def probe_unet(unet, job: UnetTraining, scenes: list) -> dict:
+    """The attention probe on ``unet`` as Stage One would use it (plain attention, eval mode)."""
+    from ..bundle import DiffusionBundle
+
+    remove_supervision(unet)
+    bundle = DiffusionBundle.from_components(unet, job.vae, job.text_encoder, job.tokenizer, device=job.device)
+    result = attention_probe(bundle, scenes)
+    unet.requires_grad_(True).train()
+    return result
+
+
+def probe_score(probe: dict) -> float:
+    """How well Stage One can use the attention: the better of its two segmentations' IoU."""
+    return max(probe["iou_cross_attention"], probe["iou_diffseg"])
+
+
+def train_unet(job: UnetTraining, plan: Plan, unet=None):
+    """Train ``unet`` (a fresh UNET_CONFIG model when None) on the scenes' latents with attention
+    supervision; returns the best checkpoint by the probe, its metrics and the probe's curve."""
+    from diffusers import DDPMScheduler
 
     from ..bundle import scheduler_config
 
+    device, data = job.device, job.data
     torch.manual_seed(plan.seed + 2)
     rng = np.random.default_rng(plan.seed + 2)
     scheduler = DDPMScheduler.from_config(scheduler_config("epsilon"))
-    unet = (unet if unet is not None else UNet2DConditionModel.from_config(UNET_CONFIG)).float().to(device).train()
-    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-    means, stds = encode_dataset(vae, data, device)
-    scaling = float(vae.config.scaling_factor)
+    unet = (unet if unet is not None else new_unet()).float().to(device).train().requires_grad_(True)
+    job.text_encoder.to(device).eval().requires_grad_(False)
+    job.vae.to(device).eval().requires_grad_(False)
+    variant_images, variant_kept = blanked_variant(data, rng)
+    means, stds = encode_images(job.vae, data.images, device)
+    variant_means, variant_stds = encode_images(job.vae, variant_images, device)
+    full_kept = torch.zeros_like(variant_kept)
+    for row, objects in enumerate(data.attributes):
+        full_kept[row, : len(objects)] = True
+    scaling = float(job.vae.config.scaling_factor)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=1e-2)
     budget = Budget(plan.unet_steps, plan.unet_minutes)
     generator = torch.Generator().manual_seed(plan.seed + 2)
     alphas = scheduler.alphas_cumprod.to(device)
-    use_amp = device.type == "cuda"
+    supervised_below = SUPERVISED_TIMESTEP_FRACTION * scheduler.config.num_train_timesteps
+    losses = AttentionLosses()
+    supervise = plan.cross_attention_weight > 0 or plan.self_attention_weight > 0
+    scenes = validation_scenes(plan.probe_scenes)
+    curve, best, best_state = [], None, None
+
+    def probe_now() -> None:
+        nonlocal best, best_state
+        found = {"step": budget.step, "seconds": round(budget.elapsed), **probe_unet(unet, job, scenes)}
+        curve.append(found)
+        _log(f"probe {json.dumps(found)}")
+        if best is None or probe_score(found) > probe_score(best):
+            best, best_state = found, {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+    probe_now()
+    if supervise:
+        install_supervision(unet, losses, supervise_self=plan.self_attention_weight > 0)
     while not budget.done():
         index = torch.randint(len(data.images), (plan.unet_batch,), generator=generator)
-        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)).to(device) * scaling
-        captions = [unet_caption(data.attributes[i], rng) for i in index.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=TEXT_CONTEXT, truncation=True, return_tensors="pt").input_ids
+        blanked = torch.from_numpy(rng.random(len(index)) < BLANKED_SHARE)
+        mean = torch.where(blanked[:, None, None, None], variant_means[index], means[index])
+        std = torch.where(blanked[:, None, None, None], variant_stds[index], stds[index])
+        kept = torch.where(blanked[:, None], variant_kept[index], full_kept[index])
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)).to(device) * scaling
+        captions = [unet_caption(data.attributes[i], torch.nonzero(k).flatten().tolist(), rng)
+                    for i, k in zip(index.tolist(), kept)]
+        ids = job.tokenizer([c.text for c in captions], padding="max_length", max_length=TEXT_CONTEXT,
+                            truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
-            context = text_encoder(ids.to(device))[0]
+            context = job.text_encoder(ids.to(device))[0]
         noise = torch.randn(latents.shape, generator=generator).to(device)
         steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator).to(device)
         alpha = alphas[steps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            prediction = unet(noisy, steps, encoder_hidden_states=context).sample
-        loss = F.mse_loss(prediction.float(), noise)
+        if supervise:
+            token_regions = torch.tensor([c.token_regions(TEXT_CONTEXT, background=MAX_OBJECTS) for c in captions])
+            weights = ((steps < supervised_below).float().cpu()
+                       * torch.tensor([float(bool(c.words)) for c in captions]))
+            losses.start(SupervisionTargets(region_stack(data.masks[index], kept).to(device),
+                                            token_regions.to(device), weights.to(device)))
+        prediction = unet(noisy, steps, encoder_hidden_states=context).sample
+        denoising = F.mse_loss(prediction.float(), noise)
+        loss = denoising
+        if supervise:
+            loss = (loss + plan.cross_attention_weight * losses.cross_loss().to(device)
+                    + plan.self_attention_weight * losses.self_loss().to(device))
+            if budget.step % LOG_EVERY == 0:
+                _log(f"unet step {budget.step} denoising {denoising.item():.4f} cross {losses.cross_loss().item():.4f}"
+                     f" self {losses.self_loss().item():.4f}")
+            losses.start(None)
         _update(optimizer, loss, budget, plan.unet_lr, "unet", clip_parameters=unet.parameters())
+        if budget.step % plan.probe_every == 0 or budget.done():
+            probe_now()
+            if supervise and not budget.done():
+                install_supervision(unet, losses, supervise_self=plan.self_attention_weight > 0)
+    remove_supervision(unet)
+    unet.load_state_dict(best_state)
     unet.eval()
-    return unet, {"unet_steps": budget.step, "unet_seconds": round(budget.elapsed), "unet_final_loss": round(loss.item(), 4)}
-
-
-@torch.no_grad()
-def noun_localisation(bundle, count: int = 20) -> dict:
-    """Stage One's segmentation of the true noun on held-out scenes: mean IoU with the true mask."""
-    from ..localize import segment_word
-
-    ious = []
-    for i in range(count):
-        scene = make_scene(3 * 10**8 + i)
-        obj = scene.objects[0]
-        mask = segment_word(bundle, scene.image, obj.shape).mask > 0.5
-        union = (mask | obj.mask).sum().item()
-        ious.append((mask & obj.mask).sum().item() / max(union, 1))
-    return {"noun_segment_iou": round(float(np.mean(ious)), 3)}
+    metrics = {"unet_steps": budget.step, "unet_seconds": round(budget.elapsed),
+               "unet_final_loss": round(denoising.item(), 4), "unet_chosen_step": best["step"],
+               "probe_pointing": best["pointing"], "probe_iou_cross_attention": best["iou_cross_attention"],
+               "probe_iou_diffseg": best["iou_diffseg"]}
+    return unet, metrics, curve
 
 
 # --------------------------------------------------------------------------------------------- output
-def write_outputs(out: str, retriever, text_encoder, vae, unet, tokenizer, metrics: dict, plan: Plan, argv: list[str]) -> None:
+def write_outputs(out: str, clip_model, text_encoder, vae, unet, tokenizer, metrics: dict, curve: list[dict],
+                  plan: Plan, argv: list[str]) -> None:
     from diffusers import DDPMScheduler
 
     from ..bundle import scheduler_config, write_model_index
@@ -448,16 +605,27 @@ def write_outputs(out: str, retriever, text_encoder, vae, unet, tokenizer, metri
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         module.to("cpu", torch.float16).save_pretrained(os.path.join(folder, name), safe_serialization=True)
         module.to(torch.float32)
-    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    write_tokenizer(os.path.join(folder, "tokenizer"), tokenizer)
     DDPMScheduler.from_config(scheduler_config("epsilon")).save_pretrained(os.path.join(folder, "scheduler"))
     write_model_index(folder)
-    write_clip(out, retriever, CLIP_CONFIG if retriever_is_vit(retriever) else RETRIEVER_CONFIG)
-    _write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
-    _write_text(os.path.join(out, "MODEL_CARD.md"), model_card(metrics, plan, argv))
+    write_clip(out, clip_model, CLIP_CONFIG)
+    _write_text(os.path.join(out, "training_metrics.json"), json.dumps({**metrics, "probe_curve": curve}, indent=1))
+    _write_text(os.path.join(out, "MODEL_CARD.md"), model_card(metrics, curve, plan, argv))
 
 
-def retriever_is_vit(model) -> bool:
-    return type(model.visual).__name__ == "VisionTransformer"
+def write_tokenizer(folder: str, tokenizer) -> None:
+    """``vocab.json`` + ``merges.txt`` + ``tokenizer_config.json``: the slow-tokenizer layout that
+    transformers 4.x and 5.x both read, 1.5 MB smaller than a ``tokenizer.json`` (docs/DECISIONS.md)."""
+    import shutil
+
+    from ..text import _clip_vocabulary_files
+
+    os.makedirs(folder, exist_ok=True)
+    for source in _clip_vocabulary_files():
+        shutil.copy(source, os.path.join(folder, os.path.basename(source)))
+    config = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "model_max_length": TEXT_CONTEXT,
+              "pad_token": tokenizer.pad_token, "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>"}
+    _write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=2))
 
 
 def write_clip(out: str, model, config: dict, stem: str = "open_clip") -> None:
@@ -470,72 +638,21 @@ def write_clip(out: str, model, config: dict, stem: str = "open_clip") -> None:
     save_file(state, os.path.join(out, f"{stem}.safetensors"))
 
 
-def train_retriever_only(out: str, plan: Plan, device: torch.device, argv: list[str]) -> int:
-    """Train the ResNet retriever CLIP alone; writes ``retriever_config.json``/``retriever.safetensors``."""
-    start = time.time()
-    data = build_dataset(plan.scenes, plan.seed * plan.scenes)
-    model, metrics = train_clip(data, plan, device, RETRIEVER_CONFIG)
-    model = model.cpu().float()
-    metrics.update(clip_zero_shot(model, torch.device("cpu")))
-    metrics["total_seconds"] = round(time.time() - start)
-    _log(f"retriever done {metrics}")
-    os.makedirs(out, exist_ok=True)
-    write_clip(out, model, RETRIEVER_CONFIG, stem="retriever")
-    _write_text(os.path.join(out, "retriever_metrics.json"), json.dumps({"command": argv, **metrics}, indent=1))
-    return 0
+def curve_table(curve: list[dict]) -> list[str]:
+    rows = ["| step | seconds | pointing | IoU (cross-attention) | IoU (DiffSeg) |", "|---|---|---|---|---|"]
+    for point in curve:
+        rows.append(f"| {point['step']} | {point['seconds']} | {point['pointing']:.3f} | "
+                    f"{point['iou_cross_attention']:.3f} | {point['iou_diffseg']:.3f} |")
+    return rows
 
 
-def continue_unet(source: str, out: str, plan: Plan, device: torch.device, argv: list[str]) -> int:
-    """Train the UNet of the model in ``source`` further (on the scenes of ``plan.seed``'s range, with its
-    frozen text encoder and its VAE) and write the result to ``out`` with ``source``'s CLIP and a card that
-    records both runs."""
-    import shutil
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    folder = os.path.join(source, "diffusers")
-    if not os.path.isfile(os.path.join(source, "metrics.json")) or not os.path.isdir(folder):
-        raise ValueError(f"{source!r} is not an output folder of this script (no metrics.json or diffusers/).")
-    start = time.time()
-    earlier = json.loads(open(os.path.join(source, "metrics.json"), encoding="utf-8").read())
-    data = build_dataset(earlier.get("scenes", plan.scenes), plan.seed * earlier.get("scenes", plan.scenes))
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True).float().to(device).eval()
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True).float()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-    tokenizer = build_clip_tokenizer(pad_token=PAD_TOKEN, model_max_length=TEXT_CONTEXT)
-    unet, found = train_unet(data, vae, text_encoder, tokenizer, plan, device, unet=unet)
-    metrics = dict(earlier)
-    metrics["unet_steps"] = earlier["unet_steps"] + found["unet_steps"]
-    metrics["unet_seconds"] = earlier["unet_seconds"] + found["unet_seconds"]
-    metrics["unet_final_loss"] = found["unet_final_loss"]
-    from ..bundle import DiffusionBundle
-
-    bundle = DiffusionBundle.from_components(unet.float().cpu(), vae.float().cpu(), text_encoder.cpu(), tokenizer, device="cpu")
-    metrics.update(noun_localisation(bundle))
-    metrics["total_seconds"] = earlier["total_seconds"] + round(time.time() - start)
-    _log(f"continued {metrics}")
-    os.makedirs(out, exist_ok=True)
-    for name in ("open_clip_config.json", "open_clip.safetensors"):
-        shutil.copy(os.path.join(source, name), os.path.join(out, name))
-    target = os.path.join(out, "diffusers")
-    shutil.copytree(folder, target)
-    unet.to("cpu", torch.float16).save_pretrained(os.path.join(target, "unet"), safe_serialization=True)
-    _write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
-    card = open(os.path.join(source, "MODEL_CARD.md"), encoding="utf-8").read()
-    card += (f"\n## Continued\n\nThe UNet was then trained further with "
-             f"`python -m ice_ops.toyworld.train {' '.join(argv)}` ({found['unet_steps']} steps, "
-             f"{found['unet_seconds']} s); the metrics above are those of the first run, the totals:\n\n"
-             f"```json\n{json.dumps(metrics, indent=1)}\n```\n")
-    _write_text(os.path.join(out, "MODEL_CARD.md"), card)
-    return 0
-
-
-def model_card(metrics: dict, plan: Plan, argv: list[str]) -> str:
+def model_card(metrics: dict, curve: list[dict], plan: Plan, argv: list[str]) -> str:
     lines = [
         "# Toy World model (tiny Stable Diffusion + tiny CLIP)",
         "",
-        "Trained from scratch on synthetic Toy World scenes (ice_ops/toyworld/scenes.py); no downloaded data or weights.",
+        "Trained on synthetic Toy World scenes (ice_ops/toyworld/scenes.py); no downloaded data or weights. Models "
+        "named by --clip-from, --vae-from and --unet-from in the command are starting points trained earlier by "
+        "this script; without them every model starts from random weights.",
         "",
         f"Command: `python -m ice_ops.toyworld.train {' '.join(argv)}`",
         f"Seed: {plan.seed}. Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs,"
@@ -543,6 +660,17 @@ def model_card(metrics: dict, plan: Plan, argv: list[str]) -> str:
         f"Wall time: {metrics.get('total_seconds')} s.",
         "",
         f"Vocabulary: shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; materials {', '.join(MATERIALS)}.",
+        "",
+        "## Attention probe",
+        "",
+        f"Every {plan.probe_every} UNet steps, on {plan.probe_scenes} validation scenes (seeds from "
+        f"{VALIDATION_SEED_OFFSET}, used neither for training nor for the reported evaluation), with Stage One's "
+        "prompt `<word> things background`: pointing (the noun's cross-attention peaks inside its object) and the "
+        "IoU of Stage One's word mask with the true mask. The checkpoint written is the one with the best IoU "
+        f"(step {metrics.get('unet_chosen_step')}). Seconds count from the start of the UNet stage, latent encoding "
+        "included.",
+        "",
+        *curve_table(curve),
         "",
         "## Plan",
         "```json",
@@ -565,11 +693,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(prog="python -m ice_ops.toyworld.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (must not exist yet)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--retriever-only", action="store_true",
-                        help="train only the ResNet retriever CLIP (for --clip-minutes/--clip-steps)")
-    parser.add_argument("--continue-from", default=None,
-                        help="an earlier --out folder: keep its CLIP, text encoder and VAE and train its UNet further "
-                             "(for --unet-minutes/--unet-steps); the new card records both runs")
+    parser.add_argument("--clip-from", default=None,
+                        help="a folder with open_clip_config.json + open_clip.safetensors (an earlier --out): train "
+                             "that CLIP further instead of a fresh one")
+    parser.add_argument("--vae-from", default=None,
+                        help="a diffusers folder whose vae/ is used as it is (no VAE training)")
+    parser.add_argument("--unet-from", default=None,
+                        help="a diffusers folder whose UNet tensors of matching shape start the UNet (a warm start)")
     defaults = Plan()
     for name, value in asdict(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -578,59 +708,76 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     return args, plan
 
 
+def check_plan(args: argparse.Namespace, plan: Plan) -> None:
+    if os.path.exists(os.path.join(args.out, "diffusers")):
+        raise ValueError(f"{args.out!r} already holds a trained model; choose a new --out folder.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu.")
+    steps_and_minutes = {"clip": (plan.clip_steps, plan.clip_minutes), "vae": (plan.vae_steps, plan.vae_minutes),
+                         "unet": (plan.unet_steps, plan.unet_minutes)}
+    for stage, (steps, minutes) in steps_and_minutes.items():
+        if steps < 0 or minutes < 0:
+            raise ValueError(f"--{stage}-steps and --{stage}-minutes must not be negative.")
+    if (plan.clip_steps == 0 or plan.clip_minutes == 0) and args.clip_from is None:
+        raise ValueError("--clip-steps 0 (or --clip-minutes 0) keeps the CLIP of --clip-from; give --clip-from too.")
+    if min(plan.unet_steps, plan.unet_minutes) <= 0:
+        raise ValueError("--unet-steps and --unet-minutes must be positive.")
+    if args.vae_from is None and min(plan.vae_steps, plan.vae_minutes) <= 0:
+        raise ValueError("--vae-steps and --vae-minutes must be positive unless --vae-from gives the VAE.")
+    if plan.probe_every < 1 or plan.probe_scenes < 1:
+        raise ValueError("--probe-every and --probe-scenes must be at least 1.")
+    for flag, folder in (("--clip-from", args.clip_from), ("--vae-from", args.vae_from), ("--unet-from", args.unet_from)):
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder!r} is not a folder.")
+    training_first_seed(plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, plan = parse_args(argv)
-    if args.retriever_only:
-        if os.path.exists(os.path.join(args.out, "retriever.safetensors")):
-            raise ValueError(f"{args.out!r} already holds a retriever; choose a new --out folder.")
-        return train_retriever_only(args.out, plan, torch.device(args.device), argv)
-    if os.path.exists(os.path.join(args.out, "diffusers")):
-        raise ValueError(f"{args.out!r} already holds a trained model; choose a new --out folder.")
+    check_plan(args, plan)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu.")
-    if args.continue_from:
-        return continue_unet(args.continue_from, args.out, plan, device, argv)
     start = time.time()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     _log(f"building {plan.scenes} scenes")
-    data = build_dataset(plan.scenes, plan.seed * plan.scenes)
+    data = build_dataset(plan.scenes, training_first_seed(plan))
     metrics: dict = {"device": str(device), "scenes": plan.scenes}
 
-    clip_model, found = train_clip(data, plan, device)
+    init = load_clip(args.clip_from) if args.clip_from else None
+    if init is not None:
+        metrics.update({f"clip_from_{k.removeprefix('clip_')}": v for k, v in clip_zero_shot(init, torch.device("cpu")).items()})
+    if init is not None and (plan.clip_steps == 0 or plan.clip_minutes == 0):
+        clip_model, found = init, {"clip_steps": 0}  # the CLIP of --clip-from as it is
+    else:
+        clip_model, found = train_clip(data, plan, device, init=init)
     metrics.update(found)
-    clip_model = clip_model.cpu().float()
+    clip_model = clip_model.cpu().float().eval()
     metrics.update(clip_zero_shot(clip_model, torch.device("cpu")))
     _log(f"clip done {metrics}")
     text_encoder = open_clip_text_to_transformers(clip_model)
     captions = [make_scene(i).caption for i in range(8)] + ["", "circle things background"]
     metrics["text_tower_max_abs_difference"] = text_tower_difference(clip_model, text_encoder, captions)
 
-    retriever = clip_model
-    if plan.retriever_minutes > 0:
-        retriever_plan = Plan(**{**asdict(plan), "clip_minutes": plan.retriever_minutes, "clip_steps": 10**9})
-        retriever, found = train_clip(data, retriever_plan, device, RETRIEVER_CONFIG)
-        retriever = retriever.cpu().float()
-        metrics.update({f"retriever_{k.removeprefix('clip_')}": v for k, v in found.items()})
-        metrics.update({f"retriever_{k.removeprefix('clip_')}": v for k, v in clip_zero_shot(retriever, torch.device("cpu")).items()})
-        _log(f"retriever done {metrics}")
+    if args.vae_from:
+        from diffusers import AutoencoderKL
 
-    vae, found = train_vae(data, plan, device)
-    metrics.update(found)
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", local_files_only=True).float().to(device).eval()
+        metrics["vae_from"] = args.vae_from
+    else:
+        vae, found = train_vae(data, plan, device)
+        metrics.update(found)
     _log(f"vae done {metrics}")
 
     tokenizer = build_clip_tokenizer(pad_token=PAD_TOKEN, model_max_length=TEXT_CONTEXT)
-    unet, found = train_unet(data, vae, text_encoder, tokenizer, plan, device)
+    unet = new_unet()
+    if args.unet_from:
+        metrics.update(initialise_unet_from(unet, args.unet_from))
+    job = UnetTraining(data, vae, text_encoder, tokenizer, device)
+    unet, found, curve = train_unet(job, plan, unet)
     metrics.update(found)
-
-    from ..bundle import DiffusionBundle
-
-    bundle = DiffusionBundle.from_components(unet.float().cpu(), vae.float().cpu(), text_encoder.cpu(), tokenizer, device="cpu")
-    metrics.update(noun_localisation(bundle))
     metrics["total_seconds"] = round(time.time() - start)
     _log(f"all done {metrics}")
-    write_outputs(args.out, retriever, text_encoder, vae, unet, tokenizer, metrics, plan, argv)
+    write_outputs(args.out, clip_model, text_encoder.cpu(), vae.cpu(), unet.cpu(), tokenizer, metrics, curve, plan, argv)
     return 0
 
 
