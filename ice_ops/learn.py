@@ -95,15 +95,7 @@ def learn_object_tokens(
     monitor: Monitor | None = None,
 ) -> ConceptSet:
     """Phase one: learn an object and an instance token per concept. Returns a new ConceptSet."""
-    _check_steps(steps, "steps")
-    _check_lr(lr)
-    image = to_image_tensor(image).cpu()
-    concepts.validate(tuple(image.shape[-2:]))
-    text = PlaceholderText(bundle.tokenizer, bundle.text_encoder)
-    for concept in concepts.concepts:
-        initial = text.word_init(concept.word)
-        for role in BASE_ROLES:
-            text.add(placeholder_string(concept.name, role), initial)
+    image, text = _start_from_words(bundle, image, concepts, steps, lr, BASE_ROLES)
     word_pooled = _pooled_words(text, [c.word for c in concepts.concepts])
     trainable = [placeholder_string(c.name, r) for c in concepts.concepts for r in BASE_ROLES]
 
@@ -238,13 +230,7 @@ def learn_textual_inversion(
 
     The token is stored as the concept's ``object`` vector, so ``[name]`` in a composed prompt stands for it;
     roles such as ``[name.colour]`` do not exist in the result."""
-    _check_steps(steps, "steps")
-    _check_lr(lr)
-    image = to_image_tensor(image).cpu()
-    concepts.validate(tuple(image.shape[-2:]))
-    text = PlaceholderText(bundle.tokenizer, bundle.text_encoder)
-    for concept in concepts.concepts:
-        text.add(placeholder_string(concept.name, OBJECT_ROLE), text.word_init(concept.word))
+    image, text = _start_from_words(bundle, image, concepts, steps, lr, (OBJECT_ROLE,))
     trainable = [placeholder_string(c.name, OBJECT_ROLE) for c in concepts.concepts]
     no_regulariser = torch.zeros((), device=bundle.device)
     vectors = _train(
@@ -284,6 +270,21 @@ def attention_downsample_factor(unet) -> int:
     if not levels:
         raise ValueError("This UNet has no cross-attention blocks; it cannot be conditioned on learned tokens.")
     return 2 ** max(levels)
+
+
+def _start_from_words(bundle, image, concepts: ConceptSet, steps: int, lr: float, roles: Sequence[str]):
+    """Check the arguments, then (the image as a CPU tensor, placeholder text with a token per concept and
+    role, each starting at the embedding of the concept's word)."""
+    _check_steps(steps, "steps")
+    _check_lr(lr)
+    image = to_image_tensor(image).cpu()
+    concepts.validate(tuple(image.shape[-2:]))
+    text = PlaceholderText(bundle.tokenizer, bundle.text_encoder)
+    for concept in concepts.concepts:
+        initial = text.word_init(concept.word)
+        for role in roles:
+            text.add(placeholder_string(concept.name, role), initial)
+    return image, text
 
 
 # ---------------------------------------------------------------------- training loop

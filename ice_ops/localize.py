@@ -86,17 +86,18 @@ def segment_word(
     words = segmentation_words(word)
     column_groups = _column_groups(word_token_positions(bundle.tokenizer, words))
     self_maps, cross = _attend(bundle, working, words, record_self=segmentation == DIFFSEG, timestep=timestep)
+    word_map = _word_map(cross, column_groups)
     if segmentation == DIFFSEG:
         labels = diffseg(self_maps, size, kl_thresholds=tuple(kl_thresholds), refine=refine)
         segment_to_word = label_segments(labels, cross, column_groups)
     else:
-        labels = cross_attention_labels(cross[..., column_groups[0]].mean(-1), attention_fraction)
+        labels = cross_attention_labels(word_map, attention_fraction)
         segment_to_word = {1: 0}  # segment 1 is the word; segment 0 (the rest) stays unexplained
 
     word_mask = _union(labels, [s for s, w in segment_to_word.items() if w == 0])
     removed = _union(labels, [s for s, w in segment_to_word.items() if w in (0, BACKGROUND_INDEX)])
     unexplained = torch.ones(size) if ignore is None else 1 - resize_mask(ignore, size)
-    contrast = attention_contrast(cross[..., column_groups[0]].mean(-1), word_mask > 0.5, unexplained > 0.5)
+    contrast = attention_contrast(word_map, word_mask > 0.5, unexplained > 0.5)
     labels_full = torch.nn.functional.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")
     word_mask, removed = resize_mask(word_mask, (height, width)), resize_mask(removed, (height, width))
     if ignore is not None:
@@ -157,6 +158,11 @@ def _attend(bundle, working: torch.Tensor, words: Sequence[str], *, record_self:
     return self_maps, aggregate_cross_attention(cross_maps, size)
 
 
+def _word_map(cross: torch.Tensor, column_groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The segmented word's (the prompt's first word) ``[h, w]`` map: the mean over its token columns."""
+    return cross[..., list(column_groups[0])].mean(-1)
+
+
 def word_attention_map(bundle, image, word: str, *, ignore: torch.Tensor | None = None) -> torch.Tensor:
     """``[H, W]`` (input size) cross-attention of ``word`` in Stage One's prompt, aggregated over the UNet's
     grids as segmentation reads it (mean over the word's tokens); explained pixels (``ignore``) are 0."""
@@ -165,7 +171,7 @@ def word_attention_map(bundle, image, word: str, *, ignore: torch.Tensor | None 
     words = segmentation_words(word)
     groups = _column_groups(word_token_positions(bundle.tokenizer, words))
     _, cross = _attend(bundle, working, words, record_self=False)
-    word_map = cross[..., groups[0]].mean(-1)
+    word_map = _word_map(cross, groups)
     full = torch.nn.functional.interpolate(word_map[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     return full if ignore is None else full * (1 - ignore)
 

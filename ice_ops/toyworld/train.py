@@ -521,9 +521,7 @@ def train_unet(job: UnetTraining, plan: Plan, unet=None):
     variant_images, variant_kept = blanked_variant(data, rng)
     means, stds = encode_images(job.vae, data.images, device)
     variant_means, variant_stds = encode_images(job.vae, variant_images, device)
-    full_kept = torch.zeros_like(variant_kept)
-    for row, objects in enumerate(data.attributes):
-        full_kept[row, : len(objects)] = True
+    full_kept = data.masks.flatten(2).any(-1)  # [N, MAX]: the scene's objects (padding masks are empty)
     scaling = float(job.vae.config.scaling_factor)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=1e-2)
     budget = Budget(plan.unet_steps, plan.unet_minutes)
