@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image side (default 512 full, 64 tiny)")
     args = parser.parse_args()
 
-    from ice_ops.localize import localize
+    from ice_ops.localization import localize
     from ice_ops.random_models import build_random_bundle
     from ice_ops.retrieve import ClipRetriever
 

@@ -11,13 +11,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DiffusionBundle": "bundle",
     "ClipRetriever": "retrieve",
-    "localize": "localize",
+    "localize": "localization",
     "Concept": "concepts",
     "ConceptSet": "concepts",
     "learn_object_tokens": "learn",
     "learn_intrinsic_tokens": "learn",
-    "compose": "compose",
-    "generate": "compose",
+    "compose": "composition",
+    "generate": "composition",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

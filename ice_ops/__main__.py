@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .localize import DIFFSEG, SEGMENTATIONS
+    from .localization import DIFFSEG, SEGMENTATIONS
 
     parser = argparse.ArgumentParser(
         prog="python -m ice_ops",
@@ -139,7 +139,7 @@ def run_demo(args) -> int:
 
 def run_localize(args) -> int:
     from .imaging import labelled_overlay, mask_to_pil, tensor_to_pil
-    from .localize import localize
+    from .localization import localize
     from .retrieve import ClipRetriever
 
     image = load_image(args.image)
@@ -196,7 +196,7 @@ def run_learn(args) -> int:
 
 
 def run_compose(args) -> int:
-    from .compose import compose, generate
+    from .composition import compose, generate
     from .concepts import ConceptSet
     from .imaging import tensor_to_pil
     from .lora import apply_lora

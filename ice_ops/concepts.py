@@ -97,7 +97,7 @@ class ConceptSet:
         """Raise ``ValueError`` if this set cannot be learned from (no concepts, bad masks, duplicate names)."""
         if not self.concepts:
             raise ValueError(
-                "The concept set is empty; run localization (IterativeLocalize / ice_ops.localize) on an image first."
+                "The concept set is empty; run Stage One (Localize Concepts, or ice_ops.localize) on an image first."
             )
         expected = tuple(image_size) if image_size is not None else tuple(self.image_size)
         seen = set()

@@ -151,7 +151,7 @@ def composed_from_conditioning(positive: list, negative: list | None, empty_prom
         negative_hidden, negative_pooled = empty_prompt.hidden_states, empty_prompt.pooled
     else:
         negative_hidden, negative_pooled = _single_conditioning(negative, "negative", width)
-    return engine("compose").ComposedPrompt(hidden, pooled, negative_hidden, negative_pooled, text="", negative_text="")
+    return engine("composition").ComposedPrompt(hidden, pooled, negative_hidden, negative_pooled, text="", negative_text="")
 
 
 def _single_conditioning(conditioning: list, what: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 ComfyUI imports this pack as a package from its folder, so the engine is the sibling package
 ``<pack>.ice_ops``; tests and tools import ``nodes`` as a top-level package with the repository root on
 ``sys.path``, where the engine is plain ``ice_ops``. Always import submodules through :func:`engine`
-(``ice_ops.localize`` is both a module and a function name).
+(relative imports differ between the two ways the pack is loaded).
 """
 from __future__ import annotations
 
@@ -17,5 +17,5 @@ except ImportError:  # nodes/ imported as a top-level package (tests, docs tools
 
 
 def engine(module: str) -> ModuleType:
-    """The engine submodule ``module`` (e.g. ``engine("localize").segment_word``)."""
+    """The engine submodule ``module`` (e.g. ``engine("localization").segment_word``)."""
     return importlib.import_module(f"{_package.__name__}.{module}")

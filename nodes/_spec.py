@@ -45,13 +45,13 @@ DEFAULT_STEPS = 400
 DEFAULT_LR = 5e-4
 DEFAULT_ANCHORS = "material, colour"
 DEFAULT_TOP_K = 5
-# Sampling defaults of Generate, repeated from ice_ops.compose.generate (checked by tests/test_nodes_spec.py).
+# Sampling defaults of Generate, repeated from ice_ops.composition.generate (checked by tests/test_nodes_spec.py).
 DEFAULT_SAMPLE_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
 MAX_SAMPLE_STEPS = 1000
 MAX_GUIDANCE = 30.0
-SAMPLERS = ("dpm++", "ddim", "euler")  # ice_ops.compose.SCHEDULERS
-SEGMENTATIONS = ("diffseg", "cross-attention")  # ice_ops.localize.SEGMENTATIONS, the paper's first
+SAMPLERS = ("dpm++", "ddim", "euler")  # ice_ops.composition.SCHEDULERS
+SEGMENTATIONS = ("diffseg", "cross-attention")  # ice_ops.localization.SEGMENTATIONS, the paper's first
 # Toy World scene picker: held-out scene indices (ice_ops.toyworld.scenes.held_out_seed), never trained on.
 MAX_TOYWORLD_SCENE = 99_999
 # Working resolution widget: SD 1.x/2.x sizes are multiples of 64 (VAE /8 x UNet /8); 2048 is 4x SD 1.5's.

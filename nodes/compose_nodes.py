@@ -23,7 +23,7 @@ class ComposeConcepts(io.ComfyNode):
     @classmethod
     def execute(cls, ice_model, concepts, prompt: str) -> io.NodeOutput:
         with engine_session(ice_model.bundle):
-            composed = engine("compose").compose(ice_model.bundle, concepts, prompt)
+            composed = engine("composition").compose(ice_model.bundle, concepts, prompt)
         return io.NodeOutput(conditioning_from_composed(composed))
 
 
@@ -38,7 +38,7 @@ class Generate(io.ComfyNode):
         negative=None,
     ) -> io.NodeOutput:
         bundle = ice_model.bundle
-        compose = engine("compose")
+        compose = engine("composition")
         with engine_session(bundle):
             empty = compose.compose(bundle, None, "")
             prompt = composed_from_conditioning(positive, negative, empty, width=empty.hidden_states.shape[-1])

@@ -45,7 +45,7 @@ class AttentionSegment(io.ComfyNode):
         picture = image_to_engine(image)
         ignore = mask_to_engine(ignore_mask, tuple(picture.shape[-2:]), "ignore_mask")
         with engine_session(ice_model.bundle):
-            result = engine("localize").segment_word(
+            result = engine("localization").segment_word(
                 ice_model.bundle, picture, word.strip(), ignore=ignore, segmentation=segmentation
             )
         mask = result.mask.float().cpu()[None]
@@ -65,7 +65,7 @@ class IterativeLocalize(io.ComfyNode):
     ) -> io.NodeOutput:
         picture = image_to_engine(image)
         with engine_session(ice_model.bundle, retriever):
-            concepts = engine("localize").localize(
+            concepts = engine("localization").localize(
                 ice_model.bundle, retriever, picture, stop_fraction=stop_fraction, max_concepts=max_concepts,
                 seed=seed, callback=ProgressReporter(), segmentation=segmentation, min_contrast=min_contrast or None,
             )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from ice_ops.compose import SCHEDULERS, ComposedPrompt, compose, expand_prompt, generate, parse_prompt
+from ice_ops.composition import SCHEDULERS, ComposedPrompt, compose, expand_prompt, generate, parse_prompt
 from ice_ops.tokens import PlaceholderText
 
 ANCHORS = ("material", "colour")

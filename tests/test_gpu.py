@@ -29,7 +29,7 @@ def _scene(size):
 def test_full_size_localize_and_learn_on_the_gpu(full_bundle):
     from ice_ops.concepts import Concept, ConceptSet
     from ice_ops.learn import learn_intrinsic_tokens, learn_object_tokens
-    from ice_ops.localize import localize
+    from ice_ops.localization import localize
     from ice_ops.retrieve import ClipRetriever
 
     size = full_bundle.native_resolution

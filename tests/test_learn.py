@@ -199,7 +199,7 @@ def test_the_transport_grid_keeps_16_cells_and_pools_larger_grids():
 
 
 def test_textual_inversion_baseline_learns_one_token_per_concept_and_nothing_else(tiny_bundle):
-    from ice_ops.compose import compose
+    from ice_ops.composition import compose
     from ice_ops.learn import learn_textual_inversion
     from ice_ops.tokens import PlaceholderText
 

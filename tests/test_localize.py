@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from ice_ops import localize as localize_module
-from ice_ops.localize import SegmentResult, localize, segment_word
+from ice_ops import localization as localize_module
+from ice_ops.localization import SegmentResult, localize, segment_word
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -188,7 +188,7 @@ def test_localize_records_the_segmentation_and_refuses_unknown_ones(tiny_bundle,
 
 
 def test_attention_contrast_is_high_for_a_focused_word_and_near_one_for_a_spread_one():
-    from ice_ops.localize import attention_contrast
+    from ice_ops.localization import attention_contrast
 
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[:2, :2] = True

@@ -94,7 +94,8 @@ def test_design_table_sockets():
 
 
 def test_spec_defaults_are_the_engine_defaults():
-    from ice_ops import learn, localize, retrieve
+    from ice_ops import learn, retrieve
+    from ice_ops import localization as localize
 
     assert _spec.DEFAULT_STOP_FRACTION == localize.DEFAULT_STOP_FRACTION
     assert _spec.DEFAULT_MAX_CONCEPTS == localize.DEFAULT_MAX_CONCEPTS
@@ -107,7 +108,7 @@ def test_spec_defaults_are_the_engine_defaults():
 def test_generate_defaults_and_samplers_are_the_engines():
     import inspect
 
-    from ice_ops import compose
+    from ice_ops import composition as compose
 
     parameters = inspect.signature(compose.generate).parameters
     assert _spec.DEFAULT_SAMPLE_STEPS == parameters["steps"].default
@@ -117,7 +118,7 @@ def test_generate_defaults_and_samplers_are_the_engines():
 
 
 def test_segmentation_choices_are_the_engines_with_the_paper_first():
-    from ice_ops import localize
+    from ice_ops import localization as localize
 
     assert _spec.SEGMENTATIONS == localize.SEGMENTATIONS and _spec.SEGMENTATIONS[0] == localize.DIFFSEG
     for node_id in ("ICE_AttentionSegment", "ICE_IterativeLocalize"):

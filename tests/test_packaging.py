@@ -41,7 +41,7 @@ def test_importing_the_engine_and_the_pack_loads_no_comfyui():
     code = (
         "import sys, importlib.util\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import ice_ops, ice_ops.localize, ice_ops.learn, ice_ops.compose, ice_ops.concepts, ice_ops.retrieve\n"
+        "import ice_ops, ice_ops.localization, ice_ops.learn, ice_ops.composition, ice_ops.concepts, ice_ops.retrieve\n"
         f"spec = importlib.util.spec_from_file_location('ice_pack', {os.path.join(ROOT, '__init__.py')!r})\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
         "assert hasattr(module, 'comfy_entrypoint')\n"

@@ -241,7 +241,7 @@ def test_shipped_weights_are_fp16_load_through_the_normal_loaders_and_fit_the_bu
 @needs_weights
 def test_shipped_model_localizes_and_learns_a_fixed_scene(embedded):
     from ice_ops.learn import learn_object_tokens
-    from ice_ops.localize import localize
+    from ice_ops.localization import localize
     from ice_ops.toyworld.evaluate import match_masks
 
     bundle, retriever = embedded

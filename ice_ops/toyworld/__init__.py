@@ -25,7 +25,7 @@ MIN_CONTRAST = 4.0
 
 
 def localize_settings() -> dict:
-    """Keyword arguments of ``ice_ops.localize.localize`` for the Toy World model (the evaluation, the demo
+    """Keyword arguments of ``ice_ops.localization.localize`` for the Toy World model (the evaluation, the demo
     and the tests all localize with these)."""
     from .scenes import MAX_OBJECTS
 

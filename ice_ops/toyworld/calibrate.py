@@ -2,7 +2,7 @@
 
 ``python -m ice_ops.toyworld.calibrate [--model DIR] [--scenes 100]`` runs Stage One on validation scenes
 (seeds from :data:`~ice_ops.toyworld.scenes.VALIDATION_SEED_OFFSET`, which neither training nor the
-evaluation uses) once per candidate threshold of each stop rule of :func:`ice_ops.localize.localize`
+evaluation uses) once per candidate threshold of each stop rule of :func:`ice_ops.localization.localize`
 (``min_contrast``, ``min_score``) and of the cross-attention mask threshold (``attention_fraction``), prints
 a JSON row per candidate and, last, the chosen settings (see :func:`calibrate`). The chosen value is then written into ``ice_ops/toyworld/__init__.py``
 by hand, with the command's output in ``docs/DECISIONS.md``.

@@ -86,7 +86,7 @@ def run_demo(
     ``progress`` receives a message per step of the demo and a phase for Stage One, each learning phase and
     the generations (default: silent)."""
     from ..learn import learn_intrinsic_tokens, learn_object_tokens
-    from ..localize import localize
+    from ..localization import localize
     from . import embedded_bundle, embedded_retriever, localize_settings
 
     sheet_path, report_path = os.path.join(out_dir, SHEET_NAME), os.path.join(out_dir, REPORT_NAME)

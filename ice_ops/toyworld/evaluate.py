@@ -95,7 +95,7 @@ def stage_one(bundle, retriever, image: torch.Tensor, *, seed: int, oracle: Scen
               overrides: dict | None = None):
     """Stage One with the Toy World settings, some replaced by ``overrides`` (or ``oracle``'s true words
     and masks)."""
-    from ..localize import localize
+    from ..localization import localize
     from . import localize_settings
 
     if oracle is not None:
@@ -127,7 +127,7 @@ def run_pipeline(bundle, retriever, image: torch.Tensor, *, learn_steps: int, se
 
 
 def sample(bundle, concepts, prompt: str, *, seed: int, steps: int = DEFAULT_SAMPLE_STEPS) -> torch.Tensor:
-    from ..compose import compose, generate
+    from ..composition import compose, generate
 
     return generate(bundle, compose(bundle, concepts, prompt), seed=seed, steps=steps)[0].cpu()
 

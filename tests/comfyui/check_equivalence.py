@@ -44,7 +44,7 @@ def main() -> None:
     pack = load_pack(ROOT)
     adapters = importlib.import_module(pack.__name__ + ".nodes._adapters")
     concepts_module = importlib.import_module(pack.__name__ + ".ice_ops.concepts")
-    compose_module = importlib.import_module(pack.__name__ + ".ice_ops.compose")
+    compose_module = importlib.import_module(pack.__name__ + ".ice_ops.composition")
     report: dict = {}
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]
