@@ -20,6 +20,7 @@ from .attention import capture_attention
 from .concepts import BASE_ROLES, INSTANCE_ROLE, OBJECT_ROLE, ConceptSet, text_encoder_fingerprint
 from .imaging import resize_image, resize_soft_mask, to_image_tensor, working_size
 from .lora import DEFAULT_RANK, apply_lora, init_lora, trainable_lora
+from .progress import cancel_point
 from .tokens import PlaceholderText, placeholder_string
 
 Callback = Callable[[int, int, "torch.Tensor | None"], None]
@@ -341,6 +342,7 @@ def _train(bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
 
         if not torch.isfinite(loss):
             raise _diverged(step, steps, f"the loss became {float(loss)}", concepts, last_good, bundle)
+        cancel_point(callback)  # the forward pass is done; the backward pass takes as long again
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)

@@ -19,6 +19,7 @@ import torch
 from .attention import capture_attention
 from .concepts import Concept, ConceptSet, unique_name
 from .imaging import MASK_THRESHOLD, overlay_masks, resize_image, resize_mask, to_image_tensor, working_size
+from .progress import cancel_point
 from .segment import aggregate_cross_attention, diffseg, label_segments, split_instances
 from .text import word_token_positions
 
@@ -261,6 +262,7 @@ def localize(
             if min_score is not None and score < min_score:
                 break  # the retriever is not confident that anything more is there
             found_words.append(word)
+            cancel_point(callback)  # retrieval is done; the UNet pass of the segmentation comes next
             result = segment_word(
                 bundle,
                 image,

@@ -5,6 +5,10 @@ every engine entry point takes (``localize``, ``learn_object_tokens``, ``learn_i
 ``compose.generate``). On a terminal the phase redraws one line in place (``\\r``) and ends it when the last
 step arrives; on a pipe or a log file it writes a line each time another quarter of the phase is done, so a
 log holds a few lines per phase rather than one per step. Pure Python, no dependency.
+
+A callback may also carry a ``check_cancel()`` method: the engine calls it through :func:`cancel_point`
+inside a step (before a backward pass, between the UNet passes of Stage One), so that a host such as ComfyUI
+can stop a run sooner than the next ``callback`` call.
 """
 from __future__ import annotations
 
@@ -19,6 +23,14 @@ BAR_FILLED = "#"
 BAR_EMPTY = "."
 PLAIN_REPORTS_PER_PHASE = 4  # plain lines at 25 %, 50 %, 75 % and 100 % of a phase
 SECONDS_PER_MINUTE = 60
+
+
+def cancel_point(callback: object) -> None:
+    """Let the caller stop the engine here: call ``callback.check_cancel()`` when the callback has one (it
+    raises to stop); plain functions have none and nothing happens."""
+    check_cancel = getattr(callback, "check_cancel", None)
+    if check_cancel is not None:
+        check_cancel()
 
 
 def is_interactive(stream: TextIO) -> bool:

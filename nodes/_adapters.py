@@ -188,7 +188,8 @@ def labelled_overlay(image: torch.Tensor, masks: torch.Tensor, labels: Sequence[
 class ProgressReporter:
     """The engine's ``callback(step, total, preview)`` driving ComfyUI's progress bar.
 
-    Every call first checks ComfyUI's Cancel flag (raising stops the engine within one step), then
+    Every call first checks ComfyUI's Cancel flag (raising stops the engine within one step; the engine also
+    asks through ``check_cancel`` inside each step, before the backward pass and before Stage One's UNet pass), then
     updates the bar and, when the engine gives one, sends a preview image. ``bar_factory`` and
     ``interrupt_check`` default to ComfyUI's own and exist for tests.
     """
@@ -213,6 +214,10 @@ class ProgressReporter:
         self.preview_size = preview_size
         self.bar = None
         self.total = None
+
+    def check_cancel(self) -> None:
+        """Called by the engine inside a step (``ice_ops.progress.cancel_point``): raises when Cancel was pressed."""
+        self.interrupt_check()
 
     def __call__(self, step: int, total: int, preview: torch.Tensor | None = None) -> None:
         self.interrupt_check()

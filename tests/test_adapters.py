@@ -253,6 +253,21 @@ def test_cancel_raises_out_of_the_engine_callback_before_any_update():
     assert bars == []
 
 
+def test_the_engine_asks_comfyui_for_cancel_inside_a_step():
+    from ice_ops.progress import cancel_point
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt():
+        raise Interrupted()
+
+    reporter = A.ProgressReporter(bar_factory=lambda total: None, interrupt_check=interrupt, preview_size=256)
+    with pytest.raises(Interrupted):
+        cancel_point(reporter)
+    cancel_point(lambda step, total, preview: None)  # plain callbacks have no cancel check: nothing happens
+
+
 # ---------------------------------------------------------------------- model checks (stand-ins for ComfyUI objects)
 def fake_model(config_class: str, unet_config: dict | None = None, model_type: str = "EPS"):
     config = type(config_class, (), {})()

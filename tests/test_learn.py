@@ -131,6 +131,31 @@ def test_raising_from_the_callback_stops_cleanly(tiny_bundle):
     assert all(not c.vectors for c in concepts.concepts)
 
 
+class _CancelInsideTheStep:
+    """A host's callback whose Cancel was pressed during the first step's forward pass."""
+
+    class Cancelled(Exception):
+        pass
+
+    def __init__(self):
+        self.calls = 0
+
+    def check_cancel(self):
+        raise self.Cancelled()
+
+    def __call__(self, step, total, preview):
+        self.calls += 1
+
+
+def test_cancel_is_honoured_before_the_backward_pass_of_a_step(tiny_bundle):
+    image, concepts = _scene()
+    callback, updates = _CancelInsideTheStep(), []
+    with pytest.raises(_CancelInsideTheStep.Cancelled):
+        learn_object_tokens(tiny_bundle, image, concepts, steps=5, callback=callback,
+                            monitor=lambda step, values: updates.append(step))
+    assert updates == [] and callback.calls == 0  # no optimiser step ran and the step never finished
+
+
 def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_vectors(tiny_bundle, monkeypatch):
     image, concepts = _scene()
     calls = {"n": 0}

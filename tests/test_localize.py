@@ -105,6 +105,24 @@ def test_loop_stops_below_the_stop_fraction_and_excludes_found_words(tiny_bundle
     assert concepts.settings["unexplained_fraction"] == pytest.approx(2 * 32 / (64 * 64))
 
 
+def test_cancel_is_honoured_between_retrieval_and_the_unet_pass(tiny_bundle, monkeypatch):
+    class Cancelled(Exception):
+        pass
+
+    class Callback:
+        def check_cancel(self):
+            raise Cancelled()
+
+        def __call__(self, step, total, preview):
+            pass
+
+    segmented = []
+    monkeypatch.setattr(localize_module, "segment_word", lambda *args, **kwargs: segmented.append(args))
+    with pytest.raises(Cancelled):
+        localize(tiny_bundle, _ScriptedRetriever(["cup"]), _image(), callback=Callback())
+    assert segmented == []
+
+
 def test_loop_respects_max_concepts(tiny_bundle, monkeypatch):
     thin = [torch.zeros(64, 64) for _ in range(6)]
     for k, mask in enumerate(thin):
