@@ -20,10 +20,14 @@ import torch.nn.functional as F
 MIN_SIDE = 64
 MASK_THRESHOLD = 0.5
 OVERLAY_ALPHA = 0.5  # how strongly a mask's colour covers the image in overlays
-# Labels written on masks: white text with a dark outline, so they read on any colour. Unless told, the text is
+# Labels written beside masks: white text with a dark outline, so they read on any colour. Unless told, the text is
 # a fraction of the image's height, with a floor; the outline is a fraction of the text's size, with a floor.
-LABEL_HEIGHT_FRACTION = 1 / 24
+# Smaller pictures are first enlarged by a whole factor (no smoothing) so their longer side reaches LEGIBLE_SIDE:
+# a 64 px Toy World scene becomes 256 px, where a label can sit next to an object without hiding it.
+LEGIBLE_SIDE = 256
+LABEL_HEIGHT_FRACTION = 1 / 16
 MIN_LABEL_PX = 10
+LABEL_GAP_FRACTION = 1 / 4  # space between a mask's bounding box and its label, as a fraction of the text size
 LABEL_OUTLINE_FRACTION = 1 / 8
 MIN_LABEL_OUTLINE_PX = 2
 LABEL_FILL = (255, 255, 255)
@@ -161,25 +165,106 @@ def labelled_overlay(
     *,
     text_px: int | None = None,
     colour_indices: Sequence[int] | None = None,
+    min_side: int = LEGIBLE_SIDE,
 ) -> torch.Tensor:
-    """Masks ``[K, H, W]`` coloured over ``[3, H, W]`` (see :func:`overlay_masks`), each with its label written on
-    it at its centre (:func:`label_anchor`); returns a float ``[3, H, W]`` tensor in 0..1 on the CPU.
+    """Masks ``[K, H, W]`` coloured over ``[3, H, W]`` (see :func:`overlay_masks`), each with its label written
+    next to it; returns a float ``[3, H', W']`` tensor in 0..1 on the CPU.
 
-    ``text_px`` is the text's size in pixels (default: a fraction of the image's height). Draw on an image
-    already at display size: text drawn on a 64 px image and enlarged afterwards is not legible."""
+    A picture whose longer side is below ``min_side`` is first enlarged, image and masks alike, by the smallest
+    whole factor that reaches it, repeating pixels (:func:`upscale_nearest`): the result is then that factor
+    times the input's size (``[3, 256, 256]`` for a 64 px image). ``min_side=0`` keeps the input's size.
+
+    Each label goes where it hides the least of the objects (:func:`label_position`): just above, below, left
+    or right of its mask, or on the mask when no place outside is clearer (a mask filling the picture).
+    ``text_px`` is the text's size in pixels on the returned picture (default: a fraction of its height)."""
     if masks.shape[0] != len(labels):
         raise ValueError(f"{masks.shape[0]} masks but {len(labels)} labels; give one label per mask.")
     image = image.detach().float().cpu()
+    factor = legible_factor(image.shape[-2], image.shape[-1], min_side)
+    image = upscale_nearest(image, factor)
     if not labels:
         return image.clone()
-    masks = masks.detach().float().cpu()
+    masks = upscale_nearest(masks.detach().float().cpu(), factor)
     picture = tensor_to_pil(overlay_masks(image, masks, colour_indices=colour_indices))
     size = text_px if text_px is not None else max(MIN_LABEL_PX, int(image.shape[-2] * LABEL_HEIGHT_FRACTION))
+    cost = coverage_cost(masks)
+    taken: list[tuple[int, int, int, int]] = []
     for mask, label in zip(masks, labels):
-        anchor = label_anchor(mask)
-        if anchor is not None:
-            draw_label(picture, label, anchor, size)
+        centre = label_position(picture, label, mask, size, cost, taken)
+        if centre is not None:
+            taken.append(draw_label(picture, label, centre, size))
     return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def legible_factor(height: int, width: int, min_side: int = LEGIBLE_SIDE) -> int:
+    """The smallest whole factor that brings a ``height`` x ``width`` picture's longer side to ``min_side``
+    (1 when it is already that large, or when ``min_side`` is 0)."""
+    longer = max(int(height), int(width))
+    if min_side <= 0 or longer >= min_side:
+        return 1
+    return -(-int(min_side) // longer)
+
+
+def coverage_cost(masks: torch.Tensor) -> torch.Tensor:
+    """``[H, W]``: how much of the objects a label hides at each pixel, as the fraction of each mask that pixel
+    is (summed over masks), so hiding part of a small object costs more than hiding as much of a large one."""
+    binary = (masks > MASK_THRESHOLD).float()
+    areas = binary.sum((-2, -1)).clamp(min=1)
+    return (binary / areas[:, None, None]).sum(0)
+
+
+def label_position(
+    picture, text: str, mask: torch.Tensor, text_px: int, cost: torch.Tensor, taken: Sequence[tuple[int, int, int, int]]
+) -> tuple[int, int] | None:
+    """Centre ``(x, y)`` for ``text`` labelling ``mask`` on the PIL ``picture``; ``None`` for an empty mask.
+
+    The places tried are just above, below, left and right of the mask's bounding box and its
+    :func:`label_anchor`, each moved inside the picture as :func:`draw_label` moves it. The one chosen overlaps
+    the boxes in ``taken`` (labels already drawn) the least, then hides the least ``cost`` (see
+    :func:`coverage_cost`), then comes first in that order."""
+    anchor = label_anchor(mask)
+    if anchor is None:
+        return None
+    rows, columns = torch.nonzero(mask > MASK_THRESHOLD, as_tuple=True)
+    top, bottom = int(rows.min()), int(rows.max()) + 1
+    left, right = int(columns.min()), int(columns.max()) + 1
+    text_left, text_top, text_right, text_bottom = label_box(picture, text, (0, 0), text_px, keep_inside=False)
+    gap = max(1, round(text_px * LABEL_GAP_FRACTION))
+    middle_x, middle_y = (left + right) // 2, (top + bottom) // 2
+    candidates = [
+        (middle_x, top - gap - text_bottom),
+        (middle_x, bottom + gap - text_top),
+        (left - gap - text_right, middle_y),
+        (right + gap - text_left, middle_y),
+        anchor,
+    ]
+    best, best_score = None, None
+    for order, centre in enumerate(candidates):
+        box = label_box(picture, text, centre, text_px)
+        x0, y0, x1, y1 = (max(0, int(v)) for v in box)
+        score = (sum(_overlap(box, other) for other in taken), float(cost[y0:y1, x0:x1].sum()), order)
+        if best_score is None or score < best_score:
+            best, best_score = centre, score
+    return best
+
+
+def label_box(picture, text: str, centre: tuple[int, int], text_px: int, keep_inside: bool = True):
+    """The box (left, top, right, bottom) that :func:`draw_label` covers writing ``text`` at ``centre``."""
+    from PIL import ImageDraw
+
+    outline = max(MIN_LABEL_OUTLINE_PX, round(text_px * LABEL_OUTLINE_FRACTION))
+    left, top, right, bottom = ImageDraw.Draw(picture).textbbox(
+        centre, text, font=label_font(text_px), anchor="mm", stroke_width=outline)
+    if not keep_inside:
+        return left, top, right, bottom
+    dx = _shift_inside(left, right, picture.width)
+    dy = _shift_inside(top, bottom, picture.height)
+    return left + dx, top + dy, right + dx, bottom + dy
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """Area shared by two (left, top, right, bottom) boxes."""
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def label_anchor(mask: torch.Tensor) -> tuple[int, int] | None:
@@ -198,16 +283,12 @@ def draw_label(picture, text: str, centre: tuple[int, int], text_px: int) -> tup
     inwards where it would cross the picture's edge; returns the box it covers (left, top, right, bottom)."""
     from PIL import ImageDraw
 
-    draw = ImageDraw.Draw(picture)
-    font = label_font(text_px)
     outline = max(MIN_LABEL_OUTLINE_PX, round(text_px * LABEL_OUTLINE_FRACTION))
-    x, y = centre
-    left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm", stroke_width=outline)
-    dx = _shift_inside(left, right, picture.width)
-    dy = _shift_inside(top, bottom, picture.height)
-    draw.text((x + dx, y + dy), text, font=font, anchor="mm", fill=LABEL_FILL, stroke_width=outline,
-              stroke_fill=LABEL_OUTLINE)
-    return left + dx, top + dy, right + dx, bottom + dy
+    (x, y), (left, top, _, _) = centre, label_box(picture, text, centre, text_px, keep_inside=False)
+    box = label_box(picture, text, centre, text_px)
+    ImageDraw.Draw(picture).text((x + box[0] - left, y + box[1] - top), text, font=label_font(text_px), anchor="mm",
+                                 fill=LABEL_FILL, stroke_width=outline, stroke_fill=LABEL_OUTLINE)
+    return box
 
 
 def _shift_inside(low: float, high: float, size: int) -> int:

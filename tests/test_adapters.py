@@ -202,18 +202,18 @@ def test_split_words():
 
 
 def test_labelled_overlay_colours_the_masks_and_draws_the_labels():
-    from ice_ops.imaging import overlay_masks
+    from ice_ops.imaging import overlay_masks, upscale_nearest
 
     image = torch.full((3, 96, 96), 0.5)
     masks = torch.zeros(2, 96, 96)
     masks[0, :, :48] = 1
     masks[1, :, 48:] = 1
     out = A.labelled_overlay(image, masks, ["vase", "table"])
-    assert out.shape == (3, 96, 96) and 0 <= out.min() and out.max() <= 1
-    plain = overlay_masks(image, masks)
+    assert out.shape == (3, 288, 288) and 0 <= out.min() and out.max() <= 1, "enlarged 3x so the words are legible"
+    plain = overlay_masks(upscale_nearest(image, 3), upscale_nearest(masks, 3))
     assert (out - plain).abs().amax(0).gt(0.2).any(), "the labels should be drawn"
-    assert (out[:, 0, 0] - out[:, 0, 95]).abs().max() > 0.1, "each mask has its own colour"
-    assert torch.equal(A.labelled_overlay(image, torch.zeros(0, 96, 96), []), image)
+    assert (out[:, 0, 0] - out[:, 0, 287]).abs().max() > 0.1, "each mask has its own colour"
+    assert torch.equal(A.labelled_overlay(image, torch.zeros(0, 96, 96), []), torch.full((3, 288, 288), 0.5))
 
 
 # ---------------------------------------------------------------------- progress and cancel

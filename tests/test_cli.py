@@ -44,7 +44,7 @@ def test_localize_learn_compose_export(tmp_path, scene_file, tiny_diffusers_fold
     assert concepts.image_size == (80, 96)
     masks = sorted(p for p in os.listdir(out) if p.startswith("mask_"))
     assert masks == sorted(f"mask_{name}.png" for name in concepts.names)
-    assert Image.open(out / "overlay.png").size == (96, 80)
+    assert Image.open(out / "overlay.png").size == (288, 240), "the labelled overlay is enlarged 3x to be legible"
 
     # A random model may find no object large enough, so learning starts from a known concept set.
     mask = torch.zeros(80, 96)
