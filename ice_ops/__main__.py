@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from typing import Sequence
 
+CONCEPT_SET_NAME = "concepts.safetensors"  # what `localize` writes into --out
+OVERLAY_NAME = "overlay.png"
+MASK_PATTERN = "mask_{}.png"
 MODEL_LIBRARIES = ("diffusers", "transformers")  # libraries that log notices and draw loading bars of their own
+USER_ERROR_STATUS = 2  # argparse's own status for bad arguments
+SYSTEM_ERROR_STATUS = 1
+INTERRUPTED_STATUS = 130  # what shells report for a program stopped by Ctrl-C (128 + SIGINT)
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free some disk space and run again",
+    errno.ENAMETOOLONG: "choose a shorter name or folder",
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
+    errno.EROFS: "choose a folder on a writable disk",
+    errno.ENOENT: "check that the path exists",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,7 +34,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except ValueError as error:
-        parser.exit(2, f"error: {error}\n")
+        parser.exit(USER_ERROR_STATUS, f"error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(INTERRUPTED_STATUS, "interrupted; nothing was written\n")
+    except OSError as error:
+        parser.exit(SYSTEM_ERROR_STATUS, f"error: {describe_os_error(error)}\n")
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an error the system gave while reading or writing a file: the file, what happened, and
+    what to do about it."""
+    where = error.filename or "a file"
+    what = error.strerror or str(error)
+    fix = OS_ERROR_FIXES.get(error.errno, "check the path and try again")
+    return f"{where}: {what}; {fix} (nothing was written)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     lrn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     lrn.add_argument("--out", required=True, help="where to write the learned concept set (.safetensors)")
     lrn.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    lrn.add_argument("--relearn", action="store_true",
+                     help="learn new tokens from the words even if the concept set's tokens were learned on another "
+                     "model (those tokens are dropped)")
     lrn.set_defaults(handler=run_learn)
 
     cmp_ = commands.add_parser("compose", help="generate an image from a prompt with [name.role] placeholders",
@@ -138,52 +169,74 @@ def run_demo(args) -> int:
 
 
 def run_localize(args) -> int:
-    from .imaging import labelled_overlay, mask_to_pil, tensor_to_pil
+    from .files import write_files_atomic
     from .localization import localize
     from .retrieve import ClipRetriever
 
     image = load_image(args.image)
+    _refuse_existing_outputs(args.out, [CONCEPT_SET_NAME, OVERLAY_NAME], args.overwrite)
     bundle = load_bundle(args.model, args.device)
     retriever = ClipRetriever.from_pretrained(
         args.clip_arch, args.clip_weights, vocabulary=args.vocabulary, device=bundle.device, cache_dir=args.cache_dir
     )
-    _plan_outputs(args.out, ["concepts.safetensors", "overlay.png"], args.overwrite)
-
     progress = progress_reporter(args)
     concepts = localize(bundle, retriever, image, stop_fraction=args.stop_fraction, max_concepts=args.max_concepts,
                         seed=args.seed, callback=progress.phase("Stage One"), segmentation=args.segmentation,
                         min_contrast=args.min_contrast)
     progress.finish()
-    mask_names = [f"mask_{concept.name}.png" for concept in concepts.concepts]
-    outputs = _plan_outputs(args.out, ["concepts.safetensors", "overlay.png", *mask_names], args.overwrite)
-    for concept, name in zip(concepts.concepts, mask_names):
-        _save_png(mask_to_pil(concept.mask), outputs[name], args.overwrite)
-    overlay = labelled_overlay(image, concepts.masks(), concepts.names)
-    _save_png(tensor_to_pil(overlay), outputs["overlay.png"], args.overwrite)
-    concepts.save(outputs["concepts.safetensors"], overwrite=args.overwrite)
+    outputs = localization_outputs(args.out, image, concepts)
+    _refuse_existing_outputs(args.out, [os.path.basename(path) for path in outputs], args.overwrite)
+    stale = stale_masks(args.out, outputs) if args.overwrite else []
+    write_files_atomic(outputs, overwrite=args.overwrite)
+    for path in stale:
+        os.remove(path)
     found = ", ".join(f"{c.name} ({c.score:.2f})" for c in concepts.concepts) or "nothing"
-    sys.stdout.write(f"found: {found}\nwrote: {outputs['concepts.safetensors']}\n")
+    sys.stdout.write(f"found: {found}\nwrote: {os.path.join(args.out, CONCEPT_SET_NAME)}\n")
     return 0
+
+
+def localization_outputs(folder: str, image, concepts) -> dict[str, bytes]:
+    """``{path: bytes}`` of what ``localize`` writes: a PNG per mask, the labelled overlay, the concept set."""
+    from .imaging import labelled_overlay, mask_to_pil, tensor_to_pil
+
+    outputs = {os.path.join(folder, MASK_PATTERN.format(concept.name)): _png_bytes(mask_to_pil(concept.mask))
+               for concept in concepts.concepts}
+    overlay = labelled_overlay(image, concepts.masks(), concepts.names)
+    outputs[os.path.join(folder, OVERLAY_NAME)] = _png_bytes(tensor_to_pil(overlay))
+    outputs[os.path.join(folder, CONCEPT_SET_NAME)] = concepts.to_bytes()
+    return outputs
+
+
+def stale_masks(folder: str, outputs) -> list[str]:
+    """Mask files of an earlier run in ``folder`` that this run does not write (removed with --overwrite)."""
+    import glob
+
+    earlier = glob.glob(os.path.join(glob.escape(folder), MASK_PATTERN.format("*")))
+    return sorted(path for path in earlier if path not in outputs)
 
 
 def run_learn(args) -> int:
     from .concepts import ConceptSet
-    from .learn import learn_intrinsic_tokens, learn_object_tokens
+    from .learn import check_intrinsic_arguments, learn_intrinsic_tokens, learn_object_tokens
 
     concepts = ConceptSet.load(args.concepts)
     image = load_image(args.image)
-    bundle = load_bundle(args.model, args.device)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise ValueError(f"{args.out} already exists; choose another --out or pass --overwrite.")
+    concepts.validate(tuple(image.shape[-2:]))
+    if args.object_steps < 1:
+        raise ValueError(f"--object-steps must be at least 1, got {args.object_steps}.")
     if args.intrinsic_steps < 0:
         raise ValueError("--intrinsic-steps must be 0 (skip phase two) or more.")
-
     if args.refine_steps and not args.intrinsic_steps:
         raise ValueError("--refine-steps needs phase two: give --intrinsic-steps > 0.")
+    if args.intrinsic_steps:
+        check_intrinsic_arguments(concepts, args.anchors, steps=args.intrinsic_steps, refine_steps=args.refine_steps,
+                                  lr=args.lr)
+    _refuse_existing_outputs(os.path.dirname(args.out), [os.path.basename(args.out)], args.overwrite)
+    bundle = load_bundle(args.model, args.device)
 
     progress = progress_reporter(args)
     learned = learn_object_tokens(bundle, image, concepts, steps=args.object_steps, lr=args.lr, seed=args.seed,
-                                  callback=progress.phase("object tokens"))
+                                  callback=progress.phase("object tokens"), relearn=args.relearn)
     if args.intrinsic_steps:
         learned = learn_intrinsic_tokens(bundle, image, learned, anchors=args.anchors, steps=args.intrinsic_steps,
                                          refine_steps=args.refine_steps, lr=args.lr, seed=args.seed,
@@ -252,16 +305,20 @@ def load_bundle(path: str, device_name: str = "auto"):
 def load_image(path: str):
     from PIL import Image
 
-    from .imaging import to_image_tensor
+    from .imaging import check_min_size, to_image_tensor
 
     if not os.path.isfile(path):
         raise ValueError(f"Image {path!r} does not exist.")
     try:
         with Image.open(path) as handle:
             handle.load()
-            return to_image_tensor(handle)
-    except OSError as error:
+            image = to_image_tensor(handle)
+    except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path!r} is not an image Pillow can read ({error}).") from None
+    except ValueError as error:
+        raise ValueError(f"{path!r}: {error}") from None
+    check_min_size(*image.shape[-2:])
+    return image
 
 
 def quiet_model_libraries() -> None:
@@ -281,24 +338,24 @@ def progress_reporter(args):
     return ProgressReporter(sys.stderr, quiet=args.quiet)
 
 
-def _plan_outputs(folder: str, names: Sequence[str], overwrite: bool) -> dict[str, str]:
-    paths = {name: os.path.join(folder, name) for name in names}
-    if not overwrite:
-        for path in paths.values():
-            if os.path.exists(path):
-                raise ValueError(f"{path} already exists; choose another --out or pass --overwrite.")
-    os.makedirs(folder, exist_ok=True)
-    return paths
+def _refuse_existing_outputs(folder: str, names: Sequence[str], overwrite: bool) -> None:
+    from .files import refuse_existing
+
+    refuse_existing([os.path.join(folder, name) for name in names], overwrite)
 
 
-def _save_png(picture, path: str, overwrite: bool) -> str:
+def _png_bytes(picture) -> bytes:
     import io
-
-    from .files import write_bytes_atomic
 
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    return write_bytes_atomic(path, buffer.getvalue(), overwrite=overwrite)
+    return buffer.getvalue()
+
+
+def _save_png(picture, path: str, overwrite: bool) -> str:
+    from .files import write_bytes_atomic
+
+    return write_bytes_atomic(path, _png_bytes(picture), overwrite=overwrite)
 
 
 if __name__ == "__main__":

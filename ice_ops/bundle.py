@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .files import read_safetensors
 from .imaging import resize_image
 
 CONFIG_ROOT = os.path.join(os.path.dirname(__file__), "configs")
@@ -27,6 +28,10 @@ LDM_LAST_NORM_BIAS_KEY = LDM_UNET_PREFIX + "output_blocks.11.1.transformer_block
 # ComfyUI's rule for telling SD 2.x 768-v checkpoints from 512-base ones by their weights.
 V_PREDICTION_NORM_STD = 0.09
 SD2_V_NATIVE_SAMPLE_SIZE = 96
+# Weight files of a diffusers folder: only safetensors are read; these pickle formats are refused by name.
+SAFE_WEIGHTS_SUFFIX = ".safetensors"
+PICKLE_WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")
 
 
 # model_index.json of a diffusers Stable Diffusion folder (what DiffusersLoader and diffusers look for).
@@ -143,14 +148,24 @@ class DiffusionBundle:
             raise ValueError(
                 f"{folder!r} is not a complete diffusers Stable Diffusion folder (missing {', '.join(missing)})."
             )
-        local = dict(local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local)
+        for part in WEIGHT_PARTS:
+            check_safetensors_weights(os.path.join(folder, part))
+        # Without `accelerate`, diffusers' low-memory loading is unavailable and it warns on every load; ask
+        # for it only where it works.
+        local = dict(local_files_only=True, use_safetensors=True)
+        weights = dict(local, low_cpu_mem_usage=_accelerate_available())
+        with _reading(folder, "unet"):
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **weights)
+        with _reading(folder, "vae"):
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights)
+        with _reading(folder, "text_encoder"), _without_loading_bars():
+            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local)
+        with _reading(folder, "tokenizer"):
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         scheduler = None
         if os.path.isdir(os.path.join(folder, "scheduler")):
-            raw = DDPMScheduler.load_config(folder, subfolder="scheduler", **local)
+            with _reading(folder, "scheduler"):
+                raw = DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True)
             scheduler = DDPMScheduler.from_config(raw)
         _check_supported(text_encoder)
         return cls.from_components(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
@@ -170,16 +185,14 @@ class DiffusionBundle:
         ``prediction_type`` overrides detection (SD 2.x 768-v checkpoints are recognised the way ComfyUI
         does). ``config_dir`` (a folder with unet/vae/text_encoder JSON configs) loads custom architectures.
         """
-        from safetensors.torch import load_file
-
-        if not path.endswith(".safetensors"):
+        if not path.endswith(SAFE_WEIGHTS_SUFFIX):
             raise ValueError(
                 f"{os.path.basename(path)!r} is not a .safetensors file; only safetensors checkpoints are loaded "
                 "(pickle files can run code). Convert it to .safetensors first."
             )
         if not os.path.isfile(path):
             raise ValueError(f"Checkpoint {path!r} does not exist.")
-        state = load_file(path)
+        state = read_safetensors(path, "checkpoint")
         return cls.from_ldm_state_dict(
             state, prediction_type=prediction_type, config_dir=config_dir, device=device, dtype=dtype,
             share_tensors=True,  # the state dict was read from the file for this bundle alone
@@ -394,3 +407,65 @@ def _load_exact(
             f"({len(missing)} missing weights, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}). "
             f"ICE supports {SUPPORTED_TEXT}."
         )
+
+
+# ---------------------------------------------------------------------- reading files
+def check_safetensors_weights(folder: str) -> None:
+    """``ValueError`` when a diffusers part folder has no ``.safetensors`` weights, naming any pickle file
+    found instead (pickle files can run code when loaded; ICE never loads them)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if any(name.endswith(SAFE_WEIGHTS_SUFFIX) for name in names):
+        return
+    pickled = [name for name in names if name.endswith(PICKLE_WEIGHTS_SUFFIXES)]
+    if pickled:
+        raise ValueError(
+            f"{os.path.join(folder, pickled[0])!r} is a pickle file; ICE reads only .safetensors weights (pickle "
+            "files can run code). Save the model again as safetensors, e.g. with diffusers' "
+            "save_pretrained(folder, safe_serialization=True)."
+        )
+    raise ValueError(f"{folder!r} holds no .safetensors weights; copy the model folder again.")
+
+
+class _reading:
+    """Turn a library's error while reading one part of a diffusers folder into a ``ValueError`` that names
+    the part's folder and the fix."""
+
+    def __init__(self, folder: str, part: str) -> None:
+        self.where = os.path.join(folder, part)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        from safetensors import SafetensorError
+
+        if error is None or not isinstance(error, (OSError, SafetensorError, ValueError, KeyError, RuntimeError)):
+            return False
+        raise ValueError(
+            f"{self.where!r} cannot be loaded ({type(error).__name__}: {error}). A file in it is damaged or "
+            "incomplete: copy the model folder again."
+        ) from None
+
+
+def _accelerate_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+class _without_loading_bars:
+    """transformers draws a bar for every weight file it loads (in 5.x); loading a small text encoder should
+    leave the user's console as it was, so the bars are off for the load and restored after it."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as library_logging
+
+        self.was_enabled = library_logging.is_progress_bar_enabled()
+        library_logging.disable_progress_bar()
+
+    def __exit__(self, *exc) -> bool:
+        from transformers.utils import logging as library_logging
+
+        if self.was_enabled:
+            library_logging.enable_progress_bar()
+        return False

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .files import write_bytes_atomic
+from .files import refuse_existing, write_bytes_atomic, write_files_atomic
+from .imaging import MASK_THRESHOLD
 
 FORMAT_NAME = "ice-concept-set"
 FORMAT_VERSION = 1
@@ -27,6 +28,27 @@ BASE_ROLES = (OBJECT_ROLE, INSTANCE_ROLE)
 EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
 GENERIC_EMBEDDING_KEY = "emb_params"
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_\-]+")
+# Names Windows refuses as file names, with any extension (users share ComfyUI folders across systems).
+WINDOWS_RESERVED_NAMES = frozenset(
+    ["con", "prn", "aux", "nul"] + [f"{port}{number}" for port in ("com", "lpt") for number in range(1, 10)]
+)
+FILE_EXTENSION = ".safetensors"
+MAX_FILE_NAME_BYTES = 255  # the longest file name common file systems (ext4, NTFS, APFS) accept
+EMBEDDING_PREFIX = "embedding:"  # how ComfyUI's CLIPTextEncode names an embedding file in a prompt
+
+
+@dataclass(frozen=True)
+class SavedFiles:
+    """What :meth:`ConceptSet.save_with_exports` wrote."""
+
+    concept_set: str
+    embeddings: tuple[str, ...] = ()
+    lora: str | None = None
+
+    @property
+    def embedding_names(self) -> list[str]:
+        """``embedding:<file stem>`` for each embedding, as ComfyUI's CLIPTextEncode reads them."""
+        return [EMBEDDING_PREFIX + os.path.splitext(os.path.basename(path))[0] for path in self.embeddings]
 
 
 @dataclass
@@ -110,23 +132,32 @@ class ConceptSet:
                     f"The mask of {concept.name!r} is {tuple(concept.mask.shape)} but the image is {expected}; "
                     "use masks made for this image (run localization on the same image)."
                 )
-            if float(concept.mask.max()) <= 0:
-                raise ValueError(f"The mask of {concept.name!r} is empty; remove that concept or redraw its mask.")
+            check_mask(concept.mask, concept.name)
 
-    def check_text_encoder(self, text_encoder) -> None:
-        """``ValueError`` if vectors were learned on a different text encoder than ``text_encoder``."""
+    def check_text_encoder(self, text_encoder, *, relearn_hint: bool = False) -> None:
+        """``ValueError`` if vectors were learned on a different text encoder than ``text_encoder``
+        (``relearn_hint``: the message also says how to learn the tokens again on this model)."""
         if self.fingerprint is None:
             return
         current = text_encoder_fingerprint(text_encoder)
         if current != self.fingerprint:
+            fix = "Load the checkpoint the concepts were learned with"
+            if relearn_hint:
+                fix += (", or learn new tokens on this model from the words (their old tokens are dropped): "
+                        "pass relearn=True (--relearn on the command line), or start from Localize Concepts' output")
             raise ValueError(
                 "These concepts were learned on a different model: "
                 f"{describe_fingerprint(self.fingerprint)}; the loaded model has {describe_fingerprint(current)}. "
-                "Load the checkpoint the concepts were learned with."
+                f"{fix}."
             )
 
     # ------------------------------------------------------------------ files
     def save(self, path: str, *, overwrite: bool = False) -> str:
+        """Write the set to ``path`` (``.safetensors``) atomically."""
+        return write_bytes_atomic(path, self.to_bytes(), overwrite=overwrite)
+
+    def to_bytes(self) -> bytes:
+        """The set as the bytes of a ``.safetensors`` file."""
         tensors: dict[str, torch.Tensor] = {}
         entries = []
         for index, concept in enumerate(self.concepts):
@@ -150,11 +181,11 @@ class ConceptSet:
         }
         from safetensors.torch import save
 
-        payload = save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
-        return write_bytes_atomic(path, payload, overwrite=overwrite)
+        return save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
 
     @classmethod
     def load(cls, path: str) -> "ConceptSet":
+        """Read a set written by :meth:`save`; ``ValueError`` naming the file for anything else."""
         from safetensors import safe_open
 
         if not os.path.isfile(path):
@@ -170,23 +201,38 @@ class ConceptSet:
                 f"{path!r} is a safetensors file but not an ICE concept set; choose a file saved by SaveConcepts "
                 "or ConceptSet.save."
             )
-        metadata = json.loads(raw)
-        if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path!r} is not an ICE concept set (format {metadata.get('format')!r}).")
-        if int(metadata.get("version", 0)) > FORMAT_VERSION:
+        try:
+            return cls._from_metadata(path, json.loads(raw), tensors)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
+            detail = f"missing entry {error}" if isinstance(error, KeyError) else str(error)
             raise ValueError(
-                f"{path!r} was written by a newer ComfyUI-ICE (format {metadata['version']}); update the pack."
-            )
+                f"{path!r} is a damaged concept set ({detail}); save it again from ICE, or use another file."
+            ) from None
+
+    @classmethod
+    def _from_metadata(cls, path: str, metadata: dict, tensors: dict[str, torch.Tensor]) -> "ConceptSet":
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+            found = metadata.get("format") if isinstance(metadata, dict) else None
+            raise ValueError(f"{path!r} is not an ICE concept set (format {found!r}).")
+        version = metadata.get("version", 0)
+        if not isinstance(version, int):
+            raise ValueError(f"its format version is {version!r}, not a whole number")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path!r} was written by a newer ComfyUI-ICE (format {version}); update the pack.")
+        height, width = (int(side) for side in metadata["image_size"])
         concepts = []
         for index, entry in enumerate(metadata["concepts"]):
+            mask = tensors[f"mask.{index}"]
+            if tuple(mask.shape) != (height, width):
+                raise ValueError(f"mask {index} is {tuple(mask.shape)}, not the recorded image size {(height, width)}")
             vectors = {role: tensors[f"vector.{index}.{role}"] for role in entry["roles"]}
-            concepts.append(Concept(entry["name"], entry["word"], entry["score"], tensors[f"mask.{index}"], vectors))
+            concepts.append(Concept(str(entry["name"]), str(entry["word"]), float(entry["score"]), mask, vectors))
         lora = None
         if metadata.get("has_lora"):
             lora = {key[len("lora.") :]: value for key, value in tensors.items() if key.startswith("lora.")}
         return cls(
             concepts=concepts,
-            image_size=tuple(metadata["image_size"]),
+            image_size=(height, width),
             anchors=tuple(metadata.get("anchors", ())),
             fingerprint=metadata.get("fingerprint"),
             settings=metadata.get("settings", {}),
@@ -194,43 +240,66 @@ class ConceptSet:
         )
 
     def export_embeddings(self, folder: str, prefix: str, *, overwrite: bool = False) -> list[str]:
-        """One ComfyUI embedding file per learned token, ``<prefix>_<concept>_<role>.safetensors``.
+        """One ComfyUI embedding file per learned token, ``<prefix>_<concept>_<role>.safetensors``, written as
+        one (all or none).
 
         Use them in a stock CLIPTextEncode as ``embedding:<prefix>_<concept>_<role>``.
         """
+        payloads = self.embedding_files(folder, prefix)
+        if not payloads:
+            raise ValueError("No learned vectors to export; run LearnObjectTokens / learn_object_tokens first.")
+        return write_files_atomic(payloads, overwrite=overwrite)
+
+    def embedding_files(self, folder: str, prefix: str) -> dict[str, bytes]:
+        """``{path: bytes}`` of the embedding files :meth:`export_embeddings` writes (empty without vectors)."""
         from safetensors.torch import save
 
         prefix = sanitize_name(prefix, what="prefix")
         family = (self.fingerprint or {}).get("family", "")
         key = EMBEDDING_KEYS.get(family, GENERIC_EMBEDDING_KEY)
-        planned = []
+        files = {}
         for concept in self.concepts:
             for role, vector in concept.vectors.items():
                 stem = f"{prefix}_{sanitize_name(concept.name, what='concept name')}_{sanitize_name(role, what='role')}"
-                planned.append((os.path.join(folder, stem + ".safetensors"), vector))
-        if not planned:
-            raise ValueError("No learned vectors to export; run LearnObjectTokens / learn_object_tokens first.")
-        if not overwrite:
-            existing = [path for path, _ in planned if os.path.exists(path)]
-            if existing:
-                raise ValueError(
-                    f"{os.path.basename(existing[0])} already exists in {folder}; choose another prefix or allow overwrite."
+                if len((stem + FILE_EXTENSION).encode()) > MAX_FILE_NAME_BYTES:
+                    raise ValueError(
+                        f"The embedding file name {stem + FILE_EXTENSION!r} is longer than the "
+                        f"{MAX_FILE_NAME_BYTES} bytes file systems allow; choose a shorter prefix."
+                    )
+                files[os.path.join(folder, stem + FILE_EXTENSION)] = save(
+                    {key: vector.detach().float().cpu().reshape(1, -1).contiguous()}
                 )
-        os.makedirs(folder, exist_ok=True)
-        written = []
-        for path, vector in planned:
-            payload = save({key: vector.detach().float().cpu().reshape(1, -1).contiguous()})
-            written.append(write_bytes_atomic(path, payload, overwrite=overwrite))
-        return written
+        return files
 
-    def export_lora(self, path: str, *, overwrite: bool = False) -> str:
-        """Write the refinement LoRA (kohya key layout, which ComfyUI's LoraLoader reads)."""
+    def lora_bytes(self) -> bytes:
+        """The refinement LoRA as a ``.safetensors`` file (kohya key layout, which ComfyUI's LoraLoader reads)."""
         if not self.lora:
             raise ValueError("This concept set has no LoRA; learn intrinsic tokens with refine_steps > 0 first.")
         from safetensors.torch import save
 
-        tensors = {key: value.detach().cpu().contiguous() for key, value in self.lora.items()}
-        return write_bytes_atomic(path, save(tensors), overwrite=overwrite)
+        return save({key: value.detach().cpu().contiguous() for key, value in self.lora.items()})
+
+    def export_lora(self, path: str, *, overwrite: bool = False) -> str:
+        """Write the refinement LoRA (kohya key layout, which ComfyUI's LoraLoader reads)."""
+        return write_bytes_atomic(path, self.lora_bytes(), overwrite=overwrite)
+
+    def save_with_exports(self, set_path: str, *, embeddings_folder: str | None = None, prefix: str | None = None,
+                          lora_path: str | None = None, overwrite: bool = False) -> SavedFiles:
+        """Save the set and, when given folders, its embeddings (``prefix`` defaults to the set's file name)
+        and its LoRA (if it has one), all as one: every file is written or none is."""
+        payloads = {set_path: self.to_bytes()}
+        embeddings: list[str] = []
+        if embeddings_folder is not None:
+            stem = prefix if prefix is not None else os.path.splitext(os.path.basename(set_path))[0]
+            exported = self.embedding_files(embeddings_folder, stem)
+            embeddings = list(exported)
+            payloads.update(exported)
+        lora = lora_path if (lora_path is not None and self.lora) else None
+        if lora is not None:
+            payloads[lora] = self.lora_bytes()
+        refuse_existing(payloads, overwrite)
+        write_files_atomic(payloads, overwrite=overwrite)
+        return SavedFiles(set_path, tuple(embeddings), lora)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -256,7 +325,25 @@ def sanitize_name(name: str, *, what: str = "name") -> str:
     cleaned = _UNSAFE_NAME.sub("_", text).strip("_")
     if not cleaned:
         raise ValueError(f"The {what} {text!r} has no letters or digits; use a plain name like 'my_photo'.")
+    if cleaned.lower() in WINDOWS_RESERVED_NAMES:
+        raise ValueError(
+            f"The {what} {text!r} is a name Windows reserves for devices (files named so cannot be opened there); "
+            f"use another, e.g. '{cleaned}_set'."
+        )
     return cleaned
+
+
+def check_mask(mask: torch.Tensor, name: str) -> None:
+    """``ValueError`` naming the concept when its mask holds NaN or infinite values or has no pixel above
+    the mask threshold (nothing to learn from)."""
+    if not bool(torch.isfinite(mask).all()):
+        raise ValueError(
+            f"The mask of {name!r} contains NaN or infinite values; redraw it or run localization again."
+        )
+    largest = float(mask.max())
+    if largest <= MASK_THRESHOLD:
+        state = "is empty" if largest <= 0 else f"has no pixel above {MASK_THRESHOLD} (its largest value is {largest:.3g})"
+        raise ValueError(f"The mask of {name!r} {state}, so it marks no object; remove that concept or redraw its mask.")
 
 
 def text_encoder_fingerprint(text_encoder) -> dict[str, Any]:

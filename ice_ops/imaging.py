@@ -32,6 +32,11 @@ LABEL_OUTLINE_FRACTION = 1 / 8
 MIN_LABEL_OUTLINE_PX = 2
 LABEL_FILL = (255, 255, 255)
 LABEL_OUTLINE = (0, 0, 0)
+# Greyscale PIL modes that 8-bit conversion would clip: 16-bit integers (16-bit PNG, TIFF; "I" is what older
+# Pillow and some TIFFs give for them) are scaled from 0..65535, 32-bit floats are taken as 0..1.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+SIXTEEN_BIT_MAX = 65535.0
+FLOAT_MODE = "F"
 
 
 def to_image_tensor(image) -> torch.Tensor:
@@ -83,6 +88,10 @@ def _pil_to_tensor(image) -> torch.Tensor:
 
     if not isinstance(image, Image.Image):
         raise ValueError(f"Expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _grey_to_tensor(np.asarray(image).astype(np.float32) / SIXTEEN_BIT_MAX)
+    if image.mode == FLOAT_MODE:
+        return _grey_to_tensor(np.asarray(image, dtype=np.float32))
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "La", "RGBa"):
@@ -91,6 +100,10 @@ def _pil_to_tensor(image) -> torch.Tensor:
         return rgba
     image = image.convert("RGB")
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _grey_to_tensor(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.float32))[None].expand(3, -1, -1).contiguous()
 
 
 def check_min_size(height: int, width: int) -> None:

@@ -94,9 +94,13 @@ def learn_object_tokens(
     attention_weight: float = ATTENTION_LOSS_WEIGHT,
     triplet_weight: float = OBJECT_TRIPLET_WEIGHT,
     monitor: Monitor | None = None,
+    relearn: bool = False,
 ) -> ConceptSet:
-    """Phase one: learn an object and an instance token per concept. Returns a new ConceptSet."""
-    image, text = _start_from_words(bundle, image, concepts, steps, lr, BASE_ROLES)
+    """Phase one: learn an object and an instance token per concept. Returns a new ConceptSet.
+
+    Tokens always start again from the concepts' words. A set whose tokens were learned on another model is
+    refused (its fingerprint names that model) unless ``relearn``, which drops those tokens."""
+    image, text = _start_from_words(bundle, image, concepts, steps, lr, BASE_ROLES, relearn)
     word_pooled = _pooled_words(text, [c.word for c in concepts.concepts])
     trainable = [placeholder_string(c.name, r) for c in concepts.concepts for r in BASE_ROLES]
 
@@ -116,7 +120,7 @@ def learn_object_tokens(
         steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=attention_weight, monitor=monitor,
     )
     settings = dict(concepts.settings, object_steps=steps, object_lr=lr, seed=seed, triplet_margin=triplet_margin)
-    return _with_vectors(concepts, vectors, bundle, settings=settings)
+    return _with_vectors(_without_tokens(concepts), vectors, bundle, settings=settings, anchors=())
 
 
 def learn_intrinsic_tokens(
@@ -141,11 +145,7 @@ def learn_intrinsic_tokens(
     With ``refine_steps > 0`` a LoRA on the UNet's attention projections is then trained together with the
     intrinsic tokens (the reference's optional step 2, which fine-tunes the whole UNet at lr 2e-6); the
     result's ``lora`` holds it in ComfyUI's kohya layout. The user's UNet itself is never changed."""
-    _check_steps(steps, "steps")
-    _check_lr(lr)
-    if int(refine_steps) != refine_steps or refine_steps < 0:
-        raise ValueError(f"refine_steps must be 0 (no refinement) or a positive whole number, got {refine_steps}.")
-    anchors = normalise_anchors(anchors)
+    anchors = check_intrinsic_arguments(concepts, anchors, steps=steps, refine_steps=refine_steps, lr=lr)
     image = to_image_tensor(image).cpu()
     concepts.validate(tuple(image.shape[-2:]))
     concepts.check_text_encoder(bundle.text_encoder)
@@ -155,12 +155,6 @@ def learn_intrinsic_tokens(
             raise ValueError(
                 f"{concept.name!r} has no {' or '.join(missing)} token yet; run LearnObjectTokens "
                 "(learn_object_tokens) before learning intrinsic tokens."
-            )
-        clash = [a for a in anchors if a == concept.word]
-        if clash:
-            raise ValueError(
-                f"The anchor {clash[0]!r} is also the word of concept {concept.name!r}; choose anchors that differ "
-                "from the objects' words."
             )
 
     text = PlaceholderText(bundle.tokenizer, bundle.text_encoder)
@@ -225,13 +219,14 @@ def learn_textual_inversion(
     callback: Callback | None = None,
     *,
     monitor: Monitor | None = None,
+    relearn: bool = False,
 ) -> ConceptSet:
     """The baseline ICE is measured against: plain textual inversion, one token per concept learned with the
     masked diffusion loss alone (no instance token, no attention or triplet loss, no intrinsic tokens).
 
     The token is stored as the concept's ``object`` vector, so ``[name]`` in a composed prompt stands for it;
     roles such as ``[name.colour]`` do not exist in the result."""
-    image, text = _start_from_words(bundle, image, concepts, steps, lr, (OBJECT_ROLE,))
+    image, text = _start_from_words(bundle, image, concepts, steps, lr, (OBJECT_ROLE,), relearn)
     trainable = [placeholder_string(c.name, OBJECT_ROLE) for c in concepts.concepts]
     no_regulariser = torch.zeros((), device=bundle.device)
     vectors = _train(
@@ -241,10 +236,26 @@ def learn_textual_inversion(
         steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=0.0, monitor=monitor,
     )
     settings = dict(concepts.settings, textual_inversion_steps=steps, textual_inversion_lr=lr, seed=seed)
-    result = concepts.replace()
-    for concept in result.concepts:
-        concept.vectors = {}
-    return _with_vectors(result, vectors, bundle, settings=settings, anchors=())
+    return _with_vectors(_without_tokens(concepts), vectors, bundle, settings=settings, anchors=())
+
+
+def check_intrinsic_arguments(concepts: ConceptSet, anchors: Sequence[str] | str, *, steps: int,
+                              refine_steps: int = 0, lr: float = DEFAULT_LR) -> tuple[str, ...]:
+    """Check phase two's arguments against a concept set before any work (a command line that runs both phases
+    calls this first); returns the normalised anchors."""
+    _check_steps(steps, "steps")
+    _check_lr(lr)
+    if int(refine_steps) != refine_steps or refine_steps < 0:
+        raise ValueError(f"refine_steps must be 0 (no refinement) or a positive whole number, got {refine_steps}.")
+    anchors = normalise_anchors(anchors)
+    for concept in concepts.concepts:
+        clash = [a for a in anchors if a == concept.word]
+        if clash:
+            raise ValueError(
+                f"The anchor {clash[0]!r} is also the word of concept {concept.name!r}; choose anchors that differ "
+                "from the objects' words."
+            )
+    return anchors
 
 
 def normalise_anchors(anchors: Sequence[str] | str) -> tuple[str, ...]:
@@ -273,13 +284,16 @@ def attention_downsample_factor(unet) -> int:
     return 2 ** max(levels)
 
 
-def _start_from_words(bundle, image, concepts: ConceptSet, steps: int, lr: float, roles: Sequence[str]):
+def _start_from_words(bundle, image, concepts: ConceptSet, steps: int, lr: float, roles: Sequence[str],
+                      relearn: bool):
     """Check the arguments, then (the image as a CPU tensor, placeholder text with a token per concept and
     role, each starting at the embedding of the concept's word)."""
     _check_steps(steps, "steps")
     _check_lr(lr)
     image = to_image_tensor(image).cpu()
     concepts.validate(tuple(image.shape[-2:]))
+    if not relearn and any(concept.vectors for concept in concepts.concepts):
+        concepts.check_text_encoder(bundle.text_encoder, relearn_hint=True)
     text = PlaceholderText(bundle.tokenizer, bundle.text_encoder)
     for concept in concepts.concepts:
         initial = text.word_init(concept.word)
@@ -341,7 +355,7 @@ def _train(bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
         loss = diffusion + attention_weight * alignment + regularisation
 
         if not torch.isfinite(loss):
-            raise _diverged(step, steps, f"the loss became {float(loss)}", concepts, last_good, bundle)
+            raise _diverged(step, steps, f"the loss became {float(loss.detach())}", concepts, last_good, bundle)
         cancel_point(callback)  # the forward pass is done; the backward pass takes as long again
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -434,6 +448,15 @@ def _autocast(bundle):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)
+
+
+def _without_tokens(concepts: ConceptSet) -> ConceptSet:
+    """A copy with no learned vectors, anchors or LoRA: what a learner that starts from the words returns
+    besides its own tokens (phase-two tokens learned from older phase-one tokens would no longer match)."""
+    result = concepts.replace(lora=None, anchors=())
+    for concept in result.concepts:
+        concept.vectors = {}
+    return result
 
 
 def _with_vectors(concepts: ConceptSet, vectors: dict[str, torch.Tensor], bundle, *, settings=None, anchors=None):

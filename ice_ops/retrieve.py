@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .files import write_atomic
+from .files import read_safetensors, write_atomic
 from .imaging import MASK_THRESHOLD, to_image_tensor
 
 logger = logging.getLogger(__name__)
@@ -594,7 +594,7 @@ def _load_matching_state(path: str, name: str, model_class: type, model_kwargs: 
             f"The weights in {path!r} do not fit the open_clip architecture {name!r}: {problems}. "
             f"Pick the architecture these weights were trained with{_suggest_archs(file_shapes)}."
         )
-    return {key[len(prefix) :]: tensor for key, tensor in load_file(path).items()}
+    return {key[len(prefix) :]: tensor for key, tensor in read_safetensors(path, "retriever's weights file").items()}
 
 
 def _common_prefix(shapes: dict[str, tuple]) -> str:

@@ -11,7 +11,7 @@ from ._adapters import image_from_engine, image_to_engine, labelled_overlay, mas
 from ._engine import engine
 from ._schema import schema
 
-FILE_EXTENSION = ".safetensors"
+FILE_EXTENSION = engine("concepts").FILE_EXTENSION
 LORA_SUFFIX = "_ice_lora"
 
 
@@ -34,22 +34,16 @@ class SaveConcepts(io.ComfyNode):
     def execute(cls, concepts, name: str, overwrite: bool) -> io.NodeOutput:
         name = checked_save_name(name)
         folders = _folders.output_folders()
-        set_path = os.path.join(folders["concepts"], name + FILE_EXTENSION)
-        lora_path = os.path.join(folders["loras"], name + LORA_SUFFIX + FILE_EXTENSION) if concepts.lora else None
-        for path in (set_path, lora_path):
-            if path and os.path.exists(path) and not overwrite:
-                raise ValueError(f"{path} already exists; choose another name or switch 'overwrite' on.")
-        written = []
-        if any(c.vectors for c in concepts.concepts):
-            written = concepts.export_embeddings(folders["embeddings"], name, overwrite=overwrite)
-        if lora_path:
-            concepts.export_lora(lora_path, overwrite=overwrite)
-        concepts.save(set_path, overwrite=overwrite)
-        embeddings = " ".join("embedding:" + os.path.splitext(os.path.basename(p))[0] for p in written)
-        lines = [f"concept set: {set_path}", *(f"embedding: {p}" for p in written)]
-        if lora_path:
-            lines.append(f"LoRA: {lora_path}")
-        return io.NodeOutput(embeddings, ui=ui.PreviewText("\n".join(lines)))
+        saved = concepts.save_with_exports(
+            os.path.join(folders["concepts"], name + FILE_EXTENSION),
+            embeddings_folder=folders["embeddings"],
+            lora_path=os.path.join(folders["loras"], name + LORA_SUFFIX + FILE_EXTENSION),
+            overwrite=overwrite,
+        )
+        lines = [f"concept set: {saved.concept_set}", *(f"embedding: {p}" for p in saved.embeddings)]
+        if saved.lora:
+            lines.append(f"LoRA: {saved.lora}")
+        return io.NodeOutput(" ".join(saved.embedding_names), ui=ui.PreviewText("\n".join(lines)))
 
 
 class LoadConcepts(io.ComfyNode):
