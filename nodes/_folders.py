@@ -57,12 +57,28 @@ def retriever_weights() -> list[str]:
     return names
 
 
+def folder_list(*kinds: str) -> str:
+    """The folders ComfyUI searches for ``kinds`` (e.g. ``/ComfyUI/models/ice``), for messages that say where
+    a missing file belongs."""
+    paths = [path for kind in kinds for path in folder_paths.get_folder_paths(kind)]
+    return " or ".join(dict.fromkeys(paths)) or ", ".join(f"models/{kind}" for kind in kinds)
+
+
+def missing_file_message(what: str, name: str, kinds: tuple[str, ...], how: str) -> str:
+    return (f"{what} {name!r} is not in {folder_list(*kinds)}. {how} Then press R in ComfyUI (or reload the page) "
+            "so that the lists are read again.")
+
+
 def weights_path(name: str) -> str:
     for folder in (ICE_FOLDER, CLIP_FOLDER):
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
             return path
-    raise ValueError(f"Retriever weights {name!r} were not found in models/ice or models/clip; refresh the node list.")
+    raise ValueError(missing_file_message(
+        "The retriever weights file", name, (ICE_FOLDER, CLIP_FOLDER),
+        "Save the open_clip .safetensors file there under that name (the README's Models table names the file "
+        "for each Stable Diffusion version), or pick the embedded Toy World CLIP.",
+    ))
 
 
 def diffusers_folders() -> list[str]:
@@ -85,10 +101,10 @@ def diffusers_folder_path(name: str) -> str:
         path = os.path.join(root, name)
         if os.path.isfile(os.path.join(path, DIFFUSERS_INDEX)):
             return path
-    raise ValueError(
-        f"Diffusers model {name!r} was not found in models/diffusers (a folder with a {DIFFUSERS_INDEX}); "
-        "refresh the node list."
-    )
+    raise ValueError(missing_file_message(
+        "The diffusers model", name, (DIFFUSERS_FOLDER,),
+        f"Copy the whole model folder (the one holding {DIFFUSERS_INDEX}) there.",
+    ))
 
 
 def architecture_configs() -> dict[str, str]:
@@ -127,7 +143,9 @@ def vocabulary_path(name: str) -> str | None:
         return None
     path = folder_paths.get_full_path(ICE_FOLDER, name)
     if path is None:
-        raise ValueError(f"Vocabulary {name!r} was not found in models/ice; refresh the node list.")
+        raise ValueError(missing_file_message(
+            "The vocabulary", name, (ICE_FOLDER,), "Save the .txt file (one noun per line) there, or pick the built-in one."
+        ))
     return path
 
 
@@ -138,7 +156,9 @@ def concept_sets() -> list[str]:
 def concept_set_path(name: str) -> str:
     path = folder_paths.get_full_path(CONCEPTS_FOLDER, name)
     if path is None:
-        raise ValueError(f"Concept set {name!r} was not found in models/ice_concepts; refresh the node list.")
+        raise ValueError(missing_file_message(
+            "The concept set", name, (CONCEPTS_FOLDER,), "Save one with Save Concepts, or copy the .safetensors file there."
+        ))
     return path
 
 
@@ -155,3 +175,13 @@ def cache_folder() -> str:
     """Where the retriever may cache vocabulary text features (ComfyUI's user folder, not a models folder)."""
     return os.path.join(folder_paths.get_user_directory(), "ice_cache")
 
+
+
+def problem_with(check, *args) -> str | bool:
+    """For a node's ``validate_inputs``: True when ``check(*args)`` finds the file, else its message (ComfyUI
+    shows it when the workflow is queued, before anything runs)."""
+    try:
+        check(*args)
+    except ValueError as error:
+        return str(error)
+    return True

@@ -52,6 +52,10 @@ class LoadConcepts(io.ComfyNode):
         return schema("ICE_LoadConcepts")
 
     @classmethod
+    def validate_inputs(cls, concept_set: str) -> bool | str:
+        return _folders.problem_with(_folders.concept_set_path, concept_set)
+
+    @classmethod
     def execute(cls, concept_set: str) -> io.NodeOutput:
         with torch.inference_mode(False):  # tensors usable for training later
             concepts = engine("concepts").ConceptSet.load(_folders.concept_set_path(concept_set))

@@ -28,6 +28,10 @@ class LoadDiffusersModel(io.ComfyNode):
         return schema("ICE_LoadDiffusersModel")
 
     @classmethod
+    def validate_inputs(cls, folder: str) -> bool | str:
+        return _folders.problem_with(_folders.diffusers_folder_path, folder)
+
+    @classmethod
     def execute(cls, folder: str) -> io.NodeOutput:
         return io.NodeOutput(bundle_from_diffusers(_folders.diffusers_folder_path(folder)))
 
@@ -36,6 +40,14 @@ class LoadCLIPRetriever(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return schema("ICE_LoadCLIPRetriever")
+
+    @classmethod
+    def validate_inputs(cls, weights: str, vocabulary: str) -> bool | str:
+        if weights != TOYWORLD_MODEL:
+            found = _folders.problem_with(_folders.weights_path, weights)
+            if found is not True:
+                return found
+        return _folders.problem_with(_folders.vocabulary_path, vocabulary)
 
     @classmethod
     def execute(cls, weights: str, architecture: str, vocabulary: str) -> io.NodeOutput:
