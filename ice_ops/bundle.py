@@ -32,6 +32,8 @@ SD2_V_NATIVE_SAMPLE_SIZE = 96
 SAFE_WEIGHTS_SUFFIX = ".safetensors"
 PICKLE_WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+TEXT_MODEL_PREFIX = "text_model."  # the level transformers 4.x keeps in CLIPTextModel's keys and 5.x drops
+TEXT_ENCODER_WEIGHTS = "model.safetensors"
 
 
 # model_index.json of a diffusers Stable Diffusion folder (what DiffusersLoader and diffusers look for).
@@ -371,12 +373,30 @@ def detect_prediction_type(state: dict[str, torch.Tensor], family: str) -> str:
 
 def _match_text_prefix(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers 5 dropped the ``text_model.`` level of CLIPTextModel; accept either layout."""
-    wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
+    wants_prefix = any(k.startswith(TEXT_MODEL_PREFIX) for k in model.state_dict())
     out = {}
     for key, value in state.items():
-        bare = key[len("text_model.") :] if key.startswith("text_model.") else key
-        out["text_model." + bare if wants_prefix else bare] = value
+        bare = key[len(TEXT_MODEL_PREFIX) :] if key.startswith(TEXT_MODEL_PREFIX) else key
+        out[TEXT_MODEL_PREFIX + bare if wants_prefix else bare] = value
     return out
+
+
+def save_text_encoder(text_encoder, folder: str) -> str:
+    """Save a CLIPTextModel as a folder that transformers 4.x and 5.x both read: its config, and its weights
+    under the ``text_model.`` keys 4.x expects (5.x, whose own files drop that level, reads them too)."""
+    from safetensors.torch import save_file
+
+    from .files import write_atomic
+
+    os.makedirs(folder, exist_ok=True)
+    text_encoder.config.save_pretrained(folder)
+    state = {
+        TEXT_MODEL_PREFIX + key.removeprefix(TEXT_MODEL_PREFIX): value.detach().cpu().contiguous()
+        for key, value in text_encoder.state_dict().items()
+        if "position_ids" not in key
+    }
+    path = os.path.join(folder, TEXT_ENCODER_WEIGHTS)
+    return write_atomic(path, lambda temporary: save_file(state, temporary, metadata={"format": "pt"}), overwrite=True)
 
 
 def _build_and_load(model_class, config: dict, convert, state: dict, what: str, share_tensors: bool):

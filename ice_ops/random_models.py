@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .bundle import DiffusionBundle, read_config, scheduler_config, write_model_index
+from .bundle import DiffusionBundle, read_config, save_text_encoder, scheduler_config, write_model_index
 from .text import END_OF_TEXT, build_clip_tokenizer
 
 TINY_TEXT_WIDTH = 32
@@ -91,7 +91,7 @@ def save_diffusers_folder(bundle: DiffusionBundle, folder: str) -> str:
     os.makedirs(folder, exist_ok=True)
     bundle.unet.save_pretrained(os.path.join(folder, "unet"))
     bundle.vae.save_pretrained(os.path.join(folder, "vae"))
-    bundle.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    save_text_encoder(bundle.text_encoder, os.path.join(folder, "text_encoder"))
     bundle.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     bundle.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     write_model_index(folder)

@@ -312,7 +312,7 @@ def test_full_size_layout_matches_diffusers_reader(family, meta_models):
     }
     for what, (original, converted) in back.items():
         converted = without_text_level(converted)
-        original = {k: v for k, v in original.items() if "position_ids" not in k}
+        original = without_text_level({k: v for k, v in original.items() if "position_ids" not in k})
         assert sorted(converted) == sorted(original), what
         assert all(converted[k].shape == original[k].shape for k in original), what
 
@@ -514,3 +514,22 @@ def test_bundle_from_a_state_dict_never_shares_the_callers_tensors(sd1_file):
     before = bundle.unet.conv_in.weight.detach().clone()
     state[key].add_(1.0)  # the caller changes its own tensor in place
     assert torch.equal(bundle.unet.conv_in.weight, before)
+
+
+def test_text_encoders_are_saved_in_the_layout_transformers_4_and_5_both_read(tmp_path, tiny_bundle):
+    """transformers 4.x ignores weights without the ``text_model.`` level (it warns and keeps random ones);
+    5.x reads both. The shipped Toy World encoder and every folder the pack writes keep the level."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    from ice_ops.bundle import save_text_encoder
+    from ice_ops.toyworld import DIFFUSERS_FOLDER
+
+    path = save_text_encoder(tiny_bundle.text_encoder, str(tmp_path / "text_encoder"))
+    shipped = os.path.join(DIFFUSERS_FOLDER, "text_encoder", "model.safetensors")
+    for written in (path, shipped):
+        with safe_open(written, framework="pt") as handle:
+            assert all(key.startswith("text_model.") for key in handle.keys()), written
+    loaded = CLIPTextModel.from_pretrained(str(tmp_path / "text_encoder"), local_files_only=True)
+    expected = tiny_bundle.text_encoder.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items() if "position_ids" not in key)

@@ -51,3 +51,29 @@ def test_importing_the_engine_and_the_pack_loads_no_comfyui():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_registry_metadata_is_complete_and_points_at_files_in_the_repository():
+    import tomllib
+
+    project = tomllib.loads(_read("pyproject.toml"))
+    name, comfy = project["project"]["name"], project["tool"]["comfy"]
+    assert "comfyui" not in name.lower()  # the registry's specification advises against it in the node id
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*([-_.][A-Za-z0-9]+)*", name) and len(name) < 100
+    icon = comfy["Icon"]
+    repository = project["project"]["urls"]["Repository"]
+    raw_prefix = repository.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert icon.startswith(raw_prefix) and os.path.isfile(os.path.join(ROOT, icon[len(raw_prefix):]))
+    minimum = re.search(r"ComfyUI (\d+\.\d+\.\d+) or newer is needed", _read("README.md")).group(1)
+    assert comfy["requires-comfyui"] == f">={minimum}"
+
+
+def test_the_readme_names_the_oldest_versions_that_ci_tests():
+    import tomllib
+
+    dependencies = tomllib.loads(_read("pyproject.toml"))["project"]["dependencies"]
+    floors = dict(entry.split(">=") for entry in dependencies if ">=" in entry)
+    tested = _read("README.md").split("Tested versions:", 1)[1].split("\n\n", 1)[0]
+    for library in ("transformers", "diffusers", "open_clip_torch"):
+        assert f"{library} {floors[library]}" in " ".join(tested.split()), library
+    assert "python .ci/oldest_versions.py" in _read(".ci/run")

@@ -597,12 +597,14 @@ def write_outputs(out: str, clip_model, text_encoder, vae, unet, tokenizer, metr
                   plan: Plan, argv: list[str]) -> None:
     from diffusers import DDPMScheduler
 
-    from ..bundle import scheduler_config, write_model_index
+    from ..bundle import save_text_encoder, scheduler_config, write_model_index
 
     folder = os.path.join(out, "diffusers")
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    for name, module in (("unet", unet), ("vae", vae)):
         module.to("cpu", torch.float16).save_pretrained(os.path.join(folder, name), safe_serialization=True)
         module.to(torch.float32)
+    save_text_encoder(text_encoder.to("cpu", torch.float16), os.path.join(folder, "text_encoder"))
+    text_encoder.to(torch.float32)
     write_tokenizer(os.path.join(folder, "tokenizer"), tokenizer)
     DDPMScheduler.from_config(scheduler_config("epsilon")).save_pretrained(os.path.join(folder, "scheduler"))
     write_model_index(folder)
