@@ -51,7 +51,7 @@ def describe_os_error(error: OSError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .localization import DIFFSEG, SEGMENTATIONS
+    from . import defaults
 
     parser = argparse.ArgumentParser(
         prog="python -m ice_ops",
@@ -85,11 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a text file with one noun per line (default: the vocabulary shipped with ICE)")
     loc.add_argument("--cache-dir", default=None,
                      help="folder where the vocabulary's text embeddings are cached (default: no cache)")
-    loc.add_argument("--stop-fraction", type=float, default=0.05,
-                     help="stop when less than this fraction of the image is unexplained (paper: 0.05)")
-    loc.add_argument("--max-concepts", type=int, default=6, help="at most this many concepts (default 6)")
+    loc.add_argument("--stop-fraction", type=float, default=defaults.DEFAULT_STOP_FRACTION,
+                     help="stop when less than this fraction of the image is unexplained "
+                     f"(default {defaults.DEFAULT_STOP_FRACTION}, the paper's)")
+    loc.add_argument("--max-concepts", type=int, default=defaults.DEFAULT_MAX_CONCEPTS,
+                     help=f"at most this many concepts (default {defaults.DEFAULT_MAX_CONCEPTS})")
     loc.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    loc.add_argument("--segmentation", default=DIFFSEG, choices=SEGMENTATIONS,
+    loc.add_argument("--segmentation", default=defaults.DIFFSEG, choices=defaults.SEGMENTATIONS,
                      help="diffseg (the paper, default) or cross-attention (for small models whose self-attention "
                      "groups nothing, such as the Toy World model)")
     loc.add_argument("--min-contrast", type=float, default=None,
@@ -106,14 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     lrn.add_argument("concepts", help="concept-set file written by 'localize'")
     lrn.add_argument("--image", required=True, help="the same image that was localized")
     _model_arguments(lrn)
-    lrn.add_argument("--object-steps", type=int, default=400, help="phase-one steps (default 400)")
-    lrn.add_argument("--intrinsic-steps", type=int, default=400,
-                     help="phase-two steps (default 400; 0 skips phase two)")
-    lrn.add_argument("--anchors", default="material,colour",
-                     help="comma-separated intrinsic anchors (default material,colour)")
+    lrn.add_argument("--object-steps", type=int, default=defaults.DEFAULT_STEPS,
+                     help=f"phase-one steps (default {defaults.DEFAULT_STEPS})")
+    lrn.add_argument("--intrinsic-steps", type=int, default=defaults.DEFAULT_STEPS,
+                     help=f"phase-two steps (default {defaults.DEFAULT_STEPS}; 0 skips phase two)")
+    lrn.add_argument("--anchors", default=",".join(defaults.DEFAULT_ANCHORS),
+                     help=f"comma-separated intrinsic anchors (default {','.join(defaults.DEFAULT_ANCHORS)})")
     lrn.add_argument("--refine-steps", type=int, default=0,
                      help="optional LoRA refinement steps on the UNet after phase two (default 0 = off)")
-    lrn.add_argument("--lr", type=float, default=5e-4, help="learning rate of the token vectors (default 5e-4)")
+    lrn.add_argument("--lr", type=float, default=defaults.DEFAULT_LR,
+                     help=f"learning rate of the token vectors (default {defaults.DEFAULT_LR})")
     lrn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     lrn.add_argument("--out", required=True, help="where to write the learned concept set (.safetensors)")
     lrn.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -129,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(cmp_)
     cmp_.add_argument("--negative", default="", help="negative prompt (default empty)")
     cmp_.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    cmp_.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    cmp_.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    cmp_.add_argument("--steps", type=int, default=defaults.DEFAULT_SAMPLE_STEPS,
+                      help=f"sampling steps (default {defaults.DEFAULT_SAMPLE_STEPS})")
+    cmp_.add_argument("--guidance", type=float, default=defaults.DEFAULT_GUIDANCE,
+                      help=f"classifier-free guidance scale (default {defaults.DEFAULT_GUIDANCE})")
     cmp_.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     cmp_.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     cmp_.add_argument("--out", required=True, help="output PNG path")
@@ -271,12 +277,12 @@ def run_compose(args) -> int:
 
 
 def run_export(args) -> int:
-    from .concepts import ConceptSet
+    from .concepts import ConceptSet, embedding_name
 
     concepts = ConceptSet.load(args.concepts)
     prefix = args.prefix or os.path.splitext(os.path.basename(args.concepts))[0]
     written = concepts.export_embeddings(args.embeddings_dir, prefix, overwrite=args.overwrite)
-    names = " ".join("embedding:" + os.path.splitext(os.path.basename(p))[0] for p in written)
+    names = " ".join(embedding_name(path) for path in written)
     sys.stdout.write(f"wrote {len(written)} embeddings: {names}\n")
     return 0
 

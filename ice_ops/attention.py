@@ -26,6 +26,8 @@ from collections.abc import Collection, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .defaults import Grid
+
 # SD 1.5 at 512^2 has 4096 queries per layer: 1024 queries x 4096 keys x 8 heads in fp32 is 128 MiB per chunk.
 DEFAULT_QUERY_CHUNK = 1024
 
@@ -35,7 +37,6 @@ REPLACEABLE_PROCESSORS = frozenset(
     {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
 )
 
-Grid = tuple[int, int]
 
 
 @dataclass

@@ -274,7 +274,7 @@ class DiffusionBundle:
     # ------------------------------------------------------------------ sizes derived from configs
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsampling(self.vae.config)
 
     @property
     def latent_scaling(self) -> float:
@@ -282,12 +282,12 @@ class DiffusionBundle:
 
     @property
     def unet_downsampling(self) -> int:
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return downsampling(self.unet.config)
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this (64 for Stable Diffusion)."""
-        return self.vae_scale_factor * self.unet_downsampling
+        return size_multiple(self.unet.config, self.vae.config)
 
     @property
     def native_resolution(self) -> int:
@@ -334,6 +334,19 @@ class DiffusionBundle:
         """Last hidden states ``[B, L, D]`` of the text encoder (the UNet's cross-attention context)."""
         with torch.no_grad():
             return self.text_encoder(self.tokenize(prompts))[0]
+
+
+def downsampling(config) -> int:
+    """How much a UNet or VAE encoder (its config, a dict or a diffusers config) shrinks an image: one halving
+    between each pair of its levels."""
+    channels = config["block_out_channels"] if isinstance(config, dict) else config.block_out_channels
+    return 2 ** (len(channels) - 1)
+
+
+def size_multiple(unet_config, vae_config) -> int:
+    """Image sides must be multiples of this for the model: the VAE's and the UNet's downsampling together
+    (64 for Stable Diffusion)."""
+    return downsampling(vae_config) * downsampling(unet_config)
 
 
 def _check_supported(text_encoder) -> None:

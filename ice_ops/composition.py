@@ -12,15 +12,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .defaults import BASE_ROLES, DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS, INSTANCE_ROLE, OBJECT_ROLE, SCHEDULERS
 from .tokens import PlaceholderText, placeholder_string
 
-OBJECT_ROLE = "object"
-INSTANCE_ROLE = "instance"
-PHASE_ONE_ROLES = (OBJECT_ROLE, INSTANCE_ROLE)
 # British and American spellings of the same anchor; either is accepted when the other is the one learned.
 ROLE_ALIASES = {"colour": "color", "color": "colour"}
 ESCAPABLE = "[]\\"
-SCHEDULERS = ("dpm++", "ddim", "euler")
 
 
 # ---------------------------------------------------------------------- parsing (pure)
@@ -96,25 +93,15 @@ def referenced_vectors(prompt: str, concepts: Any) -> dict[str, torch.Tensor]:
     for part in parse_prompt(prompt):
         if isinstance(part, str):
             continue
-        concept = _find_concept(concepts, part[0])
+        concept = concepts.get(part[0])
         for role in _roles_of_reference(concepts, concept, part[1]):
             vectors[placeholder_string(concept.name, role)] = concept.vectors[role]
     return vectors
 
 
 def _placeholders(concepts: Any, name: str, role: str | None) -> list[str]:
-    concept = _find_concept(concepts, name)
+    concept = concepts.get(name)
     return [placeholder_string(concept.name, r) for r in _roles_of_reference(concepts, concept, role)]
-
-
-def _find_concept(concepts: Any, name: str) -> Any:
-    for concept in concepts.concepts:
-        if concept.name == name:
-            return concept
-    names = ", ".join(c.name for c in concepts.concepts)
-    if not names:
-        raise ValueError(f"[{name}] refers to a concept, but the concept set is empty; run localize first.")
-    raise ValueError(f"Unknown concept {name!r}; the concepts are: {names}.")
 
 
 def _roles_of_reference(concepts: Any, concept: Any, role: str | None) -> list[str]:
@@ -128,7 +115,7 @@ def _roles_of_reference(concepts: Any, concept: Any, role: str | None) -> list[s
 
 
 def _known_roles(concept: Any, anchors: Sequence[str]) -> list[str]:
-    roles = [*PHASE_ONE_ROLES, *anchors]
+    roles = [*BASE_ROLES, *anchors]
     return roles + [r for r in concept.vectors if r not in roles]
 
 
@@ -143,7 +130,7 @@ def _resolve_role(concept: Any, anchors: Sequence[str], role: str) -> str:
 
 
 def _not_learned_message(name: str, role: str) -> str:
-    if role in PHASE_ONE_ROLES:
+    if role in BASE_ROLES:
         how = "run learn_object_tokens (the LearnObjectTokens node) first"
     else:
         how = f"run learn_intrinsic_tokens with {role!r} among its anchors (the LearnIntrinsicTokens node) first"
@@ -188,8 +175,8 @@ def generate(
     cond: ComposedPrompt,
     *,
     seed: int = 0,
-    steps: int = 25,
-    guidance: float = 7.5,
+    steps: int = DEFAULT_SAMPLE_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     height: int | None = None,
     width: int | None = None,
     scheduler: str = "dpm++",

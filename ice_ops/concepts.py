@@ -15,15 +15,13 @@ from typing import Any, Iterable
 
 import torch
 
+from .defaults import BASE_ROLES, INSTANCE_ROLE, OBJECT_ROLE  # noqa: F401 (re-exported)
 from .files import refuse_existing, write_bytes_atomic, write_files_atomic
 from .imaging import MASK_THRESHOLD
 
 FORMAT_NAME = "ice-concept-set"
 FORMAT_VERSION = 1
 METADATA_KEY = "ice"
-OBJECT_ROLE = "object"
-INSTANCE_ROLE = "instance"
-BASE_ROLES = (OBJECT_ROLE, INSTANCE_ROLE)
 # ComfyUI's `embedding:` loader picks the tensor stored under the text encoder's key (comfy/sd1_clip.py):
 EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
 GENERIC_EMBEDDING_KEY = "emb_params"
@@ -48,7 +46,12 @@ class SavedFiles:
     @property
     def embedding_names(self) -> list[str]:
         """``embedding:<file stem>`` for each embedding, as ComfyUI's CLIPTextEncode reads them."""
-        return [EMBEDDING_PREFIX + os.path.splitext(os.path.basename(path))[0] for path in self.embeddings]
+        return [embedding_name(path) for path in self.embeddings]
+
+
+def embedding_name(path: str) -> str:
+    """How a prompt in ComfyUI's CLIPTextEncode names the embedding file ``path``: ``embedding:<file stem>``."""
+    return EMBEDDING_PREFIX + os.path.splitext(os.path.basename(path))[0]
 
 
 @dataclass
@@ -88,7 +91,9 @@ class ConceptSet:
         for concept in self.concepts:
             if concept.name == name:
                 return concept
-        raise ValueError(f"No concept named {name!r}; this set has: {', '.join(self.names) or '(none)'}.")
+        if not self.concepts:
+            raise ValueError(f"There is no concept {name!r}: the concept set is empty; localize an image first (Localize Concepts).")
+        raise ValueError(f"Unknown concept {name!r}; the concepts are: {', '.join(self.names)}.")
 
     def masks(self) -> torch.Tensor:
         """All masks as ``[K, H, W]`` (``[0, H, W]`` for an empty set)."""

@@ -17,23 +17,20 @@ import torch
 
 from . import losses
 from .attention import capture_attention
-from .concepts import BASE_ROLES, INSTANCE_ROLE, OBJECT_ROLE, ConceptSet, text_encoder_fingerprint
+from .concepts import ConceptSet, text_encoder_fingerprint
+from .defaults import BASE_ROLES, DEFAULT_ANCHORS, DEFAULT_LR, DEFAULT_STEPS, INSTANCE_ROLE, OBJECT_ROLE, Callback
 from .imaging import resize_image, resize_soft_mask, to_image_tensor, working_size
 from .lora import DEFAULT_RANK, apply_lora, init_lora, trainable_lora
 from .progress import cancel_point
 from .tokens import PlaceholderText, placeholder_string
 
-Callback = Callable[[int, int, "torch.Tensor | None"], None]
 Monitor = Callable[[int, dict], None]  # (step, {"loss", "diffusion", "attention", "regulariser"}) per step
 
 # Reference schedule (ice_spec §2.3-2.8): 400 + 400 steps, AdamW lr 5e-4, weight decay 1e-2, clip 1.0.
-DEFAULT_STEPS = 400
-DEFAULT_LR = 5e-4
 ADAM_BETAS = (0.9, 0.999)
 ADAM_WEIGHT_DECAY = 1e-2
 ADAM_EPS = 1e-8
 MAX_GRAD_NORM = 1.0
-NOISE_OFFSET = 0.1
 TIMESTEP_DENSITY_AMPLITUDE = 0.5  # density 1 - 0.5 cos(pi t / T)
 FLIP_PROBABILITY = 0.5
 # The reference weighs its Wasserstein loss by 1e-5 with a cost in pixel units of a 16x16 grid; our cost is
@@ -42,7 +39,6 @@ ATTENTION_LOSS_WEIGHT = 1e-5 * 16
 MAX_TRANSPORT_GRID_SIDE = 16  # the reference's attention-loss grid (16x16 at SD 512²)
 OBJECT_TRIPLET_WEIGHT = 1.0  # reg_weight
 INTRINSIC_TRIPLET_WEIGHT = 5e-2  # reg_intrinsic_weight
-DEFAULT_ANCHORS = ("material", "colour")
 # Refinement: the reference fine-tunes the whole UNet (and the intrinsic rows) at 2e-6. A rank-4 LoRA starts
 # at zero and moves only low-rank factors, so it needs a far larger step to change the UNet as much; 1e-4 is
 # the customary LoRA rate for SD (diffusers/kohya examples). The token rows keep the reference's 2e-6.
@@ -331,7 +327,7 @@ def _train(bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
         latent = scene.latent_mean[flip : flip + 1] + scene.latent_std[flip : flip + 1] * _randn(
             scene.latent_mean[:1], generator
         )
-        noise = losses.offset_noise(latent, NOISE_OFFSET, generator=generator).to(device)
+        noise = losses.offset_noise(latent, losses.NOISE_OFFSET, generator=generator).to(device)
         timestep = losses.sample_timesteps(timestep_weights, 1, generator).to(device)
         noisy = bundle.scheduler.add_noise(latent, noise, timestep)
         target = losses.diffusion_target(bundle.scheduler, latent, noise, timestep)

@@ -12,33 +12,34 @@ DiffSeg merges the whole image into one segment). Only the word's pixels are the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .attention import capture_attention
 from .concepts import Concept, ConceptSet, unique_name
+from .defaults import (  # noqa: F401 (re-exported: the engine's Stage One names)
+    CROSS_ATTENTION,
+    DEFAULT_MAX_CONCEPTS,
+    DEFAULT_STOP_FRACTION,
+    DIFFSEG,
+    SEGMENTATIONS,
+    Callback,
+)
 from .imaging import MASK_THRESHOLD, overlay_masks, resize_image, resize_mask, to_image_tensor, working_size
 from .progress import cancel_point
 from .segment import aggregate_cross_attention, diffseg, label_segments, split_instances
 from .text import word_token_positions
 
 # Constants of the method (ice_spec §1): paper's tau, the reference's DiffSeg settings and instance size.
-DEFAULT_STOP_FRACTION = 0.05
-DEFAULT_MAX_CONCEPTS = 6
 SEGMENT_TIMESTEP_FRACTION = 0.15  # t = 150 of 1000 training steps, on the clean latent
 DEFAULT_KL_THRESHOLDS = (1.1, 1.1, 1.1)
 MIN_INSTANCE_FRACTION = 0.025
 PROMPT_FILLERS = ("things", "background")  # the segmentation prompt is "<word> things background"
 BACKGROUND_INDEX = 2  # index of "background" in (word, "things", "background")
-DIFFSEG = "diffseg"
-CROSS_ATTENTION = "cross-attention"
-SEGMENTATIONS = (DIFFSEG, CROSS_ATTENTION)
 # Cross-attention segmentation: the word's pixels are those whose (bilinearly upsampled, summed over the
 # grids) attention to the word reaches this fraction of its range above the image's minimum.
 CROSS_ATTENTION_FRACTION = 0.5
-
-Callback = Callable[[int, int, "torch.Tensor | None"], None]
 
 
 @dataclass

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
-Callback = Callable[[int, int, object], None]
+from .defaults import Callback
 
 BAR_WIDTH = 30  # characters between the brackets
 BAR_FILLED = "#"

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .defaults import DEFAULT_TOP_K
 from .files import read_safetensors, write_atomic
 from .imaging import MASK_THRESHOLD, to_image_tensor
 
@@ -42,8 +43,6 @@ DEFAULT_VOCABULARY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)
 DEFAULT_TEMPLATE = "a photo of a {}."
 # Cosine at or above which a word counts as a near-synonym of an excluded word (main_stage_one.py:133-145).
 DEFAULT_SYNONYM_THRESHOLD = 0.85
-# The reference keeps the CLIP top 5 (main_stage_one.py:69,248).
-DEFAULT_TOP_K = 5
 
 # Architectures whose tokenizer is open_clip's bundled BPE and whose weights the README names; they are also
 # the candidates suggested when a weights file does not fit the chosen architecture.
@@ -316,10 +315,6 @@ class ClipRetriever:
                 self._save_cached_table(table)
             self._word_embeddings = table.to(self.device)
         return self._word_embeddings
-
-    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
-        """L2-normalised ``[D]`` embedding of an image ``[3, H, W]`` in 0..1 (moved to the retriever's device)."""
-        return self._embed_image(to_image_tensor(image).to(self.device))
 
     def _embed_image(self, image: torch.Tensor) -> torch.Tensor:
         """Seam: embed an image that is already validated, blanked and on the right device."""

@@ -7,7 +7,7 @@ Typical composition for one batch item ``b`` of an :class:`~ice_ops.attention.At
     labels = diffseg({g: m[b] for g, m in store.self_maps.items()}, out_size)
     cross = aggregate_cross_attention({g: m[b] for g, m in store.cross_maps.items()}, out_size)
     mapping = label_segments(labels, cross, word_positions)
-    mask = word_mask(labels, mapping, word_index)
+    mask = torch.isin(labels, torch.tensor([s for s, w in mapping.items() if w == word_index]))
     instances = split_instances(mask)
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Grid = tuple[int, int]
+from .defaults import Grid
+
 
 # ICE main_stage_one.py:93 (KL_THRESHOLD = [1.1]*3), also DiffSeg's COCO-Stuff setting: three merging
 # iterations, each with threshold 1.1 on the halved symmetric KL.
@@ -310,12 +311,6 @@ def label_segments(
     words = F.normalize(words, dim=0)
     ids = labels.reshape(-1).to(words.device)
     return {int(s): int(words[ids == s].mean(dim=0).argmax()) for s in torch.unique(ids).tolist()}
-
-
-def word_mask(labels: torch.Tensor, mapping: Mapping[int, int], word_index: int) -> torch.Tensor:
-    """Boolean ``[H, W]`` union of the segments :func:`label_segments` gave to ``word_index``."""
-    chosen = [segment for segment, word in mapping.items() if word == word_index]
-    return torch.isin(labels, torch.tensor(chosen, dtype=labels.dtype, device=labels.device))
 
 
 def split_instances(mask: torch.Tensor, min_fraction: float = INSTANCE_MIN_FRACTION) -> list[torch.Tensor]:

@@ -355,14 +355,14 @@ def bundle_from_comfy(model, clip, vae, working_resolution: int = 0):
 def sample_size_for(resolution: int, unet_config: dict, vae_config: dict) -> int:
     """UNet sample size (latent pixels) for a working ``resolution`` in image pixels; ``ValueError`` unless
     the resolution is a multiple of what the VAE and UNet downsample by together."""
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    multiple = vae_factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
+    bundle_module = engine("bundle")
+    multiple = bundle_module.size_multiple(unet_config, vae_config)
     if resolution < multiple or resolution % multiple:
         raise ValueError(
             f"working_resolution {resolution} must be a multiple of {multiple} pixels for this model "
             f"(e.g. {max(multiple, resolution // multiple * multiple)}), or 0 for the model's native resolution."
         )
-    return resolution // vae_factor
+    return resolution // bundle_module.downsampling(vae_config)
 
 
 def _modules(movable) -> list[torch.nn.Module]:

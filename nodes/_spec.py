@@ -1,4 +1,4 @@
-"""What every ICE node looks like, without ComfyUI: ids, names, categories, sockets, widgets, tooltips.
+"""What every ICE node looks like, without ComfyUI (nor torch): ids, names, categories, sockets, widgets, tooltips.
 
 The V3 schemas (``nodes/_schema.py``), NODES.md (``python -m nodes.make_docs``) and the workflow tests all
 read this module, so the documentation, the tooltips and the graphs cannot drift apart. ``STOCK_NODES``
@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from ._engine import engine
+
+_defaults = engine("defaults")
 
 PREFIX = "ICE_"
 CATEGORY_LOCALIZE = "ICE/localize"
@@ -36,22 +40,19 @@ BUILTIN_VOCABULARY = "built-in nouns"
 # first by Load Diffusers Model and Load CLIP Retriever so ICE can be tried with nothing downloaded.
 TOYWORLD_MODEL = "Toy World (embedded)"
 
-# Engine defaults repeated here so this module stays import-free; tests/test_nodes_spec.py checks them
-# against ice_ops (localize.DEFAULT_STOP_FRACTION, DEFAULT_MAX_CONCEPTS, learn.DEFAULT_STEPS, DEFAULT_LR,
-# DEFAULT_ANCHORS).
-DEFAULT_STOP_FRACTION = 0.05
-DEFAULT_MAX_CONCEPTS = 6
-DEFAULT_STEPS = 400
-DEFAULT_LR = 5e-4
-DEFAULT_ANCHORS = "material, colour"
-DEFAULT_TOP_K = 5
-# Sampling defaults of Generate, repeated from ice_ops.composition.generate (checked by tests/test_nodes_spec.py).
-DEFAULT_SAMPLE_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
+# The engine's defaults (ice_ops/defaults.py, which imports nothing): widgets start where the engine does.
+DEFAULT_STOP_FRACTION = _defaults.DEFAULT_STOP_FRACTION
+DEFAULT_MAX_CONCEPTS = _defaults.DEFAULT_MAX_CONCEPTS
+DEFAULT_STEPS = _defaults.DEFAULT_STEPS
+DEFAULT_LR = _defaults.DEFAULT_LR
+DEFAULT_ANCHORS = ", ".join(_defaults.DEFAULT_ANCHORS)
+DEFAULT_TOP_K = _defaults.DEFAULT_TOP_K
+DEFAULT_SAMPLE_STEPS = _defaults.DEFAULT_SAMPLE_STEPS
+DEFAULT_GUIDANCE = _defaults.DEFAULT_GUIDANCE
 MAX_SAMPLE_STEPS = 1000
 MAX_GUIDANCE = 30.0
-SAMPLERS = ("dpm++", "ddim", "euler")  # ice_ops.composition.SCHEDULERS
-SEGMENTATIONS = ("diffseg", "cross-attention")  # ice_ops.localization.SEGMENTATIONS, the paper's first
+SAMPLERS = _defaults.SCHEDULERS
+SEGMENTATIONS = _defaults.SEGMENTATIONS  # the paper's first
 # Toy World scene picker: held-out scene indices (ice_ops.toyworld.scenes.held_out_seed), never trained on.
 MAX_TOYWORLD_SCENE = 99_999
 # Working resolution widget: SD 1.x/2.x sizes are multiples of 64 (VAE /8 x UNet /8); 2048 is 4x SD 1.5's.

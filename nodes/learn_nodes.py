@@ -35,9 +35,6 @@ class LearnIntrinsicTokens(io.ComfyNode):
         cls, ice_model, image, concepts, anchors: str, steps: int, refine_steps: int, learning_rate: float, seed: int
     ) -> io.NodeOutput:
         picture = image_to_engine(image)
-        words = split_words(anchors)
-        if not words:
-            raise ValueError("Type at least one anchor, for example 'material, colour'.")
         if refine_steps > 0 and ice_model.model is None:
             raise ValueError(
                 "LoRA refinement needs a checkpoint's MODEL to apply the LoRA to, and this ICE model was loaded from "
@@ -45,7 +42,7 @@ class LearnIntrinsicTokens(io.ComfyNode):
             )
         with engine_session(ice_model.bundle):
             learned = engine("learn").learn_intrinsic_tokens(
-                ice_model.bundle, picture, concepts, anchors=tuple(words), steps=steps, refine_steps=refine_steps,
+                ice_model.bundle, picture, concepts, anchors=split_words(anchors), steps=steps, refine_steps=refine_steps,
                 seed=seed, callback=ProgressReporter(), lr=learning_rate,
             )
         model = ice_model.model

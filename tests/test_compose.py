@@ -1,30 +1,25 @@
 """Prompt syntax, composition into encoder states, and the sampling helper."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
+from ice_ops.concepts import Concept, ConceptSet
 from ice_ops.composition import SCHEDULERS, ComposedPrompt, compose, expand_prompt, generate, parse_prompt
 from ice_ops.tokens import PlaceholderText
 
 ANCHORS = ("material", "colour")
 
 
-@dataclass
-class StandInConcept:
-    """Only the attributes compose relies on (duck typing against ice_ops.concepts.Concept)."""
-
-    name: str
-    word: str
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+MASK_SIDE = 4  # composing reads no mask; the concept set needs one
 
 
-@dataclass
-class StandInConceptSet:
-    concepts: list[StandInConcept]
-    anchors: tuple[str, ...] = ()
+def _concept(name: str, word: str, vectors=None) -> Concept:
+    return Concept(name, word, 1.0, torch.ones(MASK_SIDE, MASK_SIDE), dict(vectors or {}))
+
+
+def _concept_set(concepts, anchors=()) -> ConceptSet:
+    return ConceptSet(list(concepts), (MASK_SIDE, MASK_SIDE), anchors=tuple(anchors))
 
 
 def _vectors(width: int, roles, seed: int) -> dict[str, torch.Tensor]:
@@ -36,10 +31,10 @@ def _vectors(width: int, roles, seed: int) -> dict[str, torch.Tensor]:
 def concepts(tiny_bundle):
     width = tiny_bundle.text_width
     roles = ("object", "instance", *ANCHORS)
-    return StandInConceptSet(
+    return _concept_set(
         [
-            StandInConcept("bust", "bust", _vectors(width, roles, 1)),
-            StandInConcept("bowl", "bowl", _vectors(width, roles, 2)),
+            _concept("bust", "bust", _vectors(width, roles, 1)),
+            _concept("bowl", "bowl", _vectors(width, roles, 2)),
         ],
         ANCHORS,
     )
@@ -93,10 +88,10 @@ def test_expand_prompt_to_placeholder_strings(concepts):
 def test_colour_and_color_are_aliases_only_when_unambiguous(tiny_bundle, concepts):
     assert expand_prompt("[bust.color]", concepts) == "<ice:bust:colour>"
     width = tiny_bundle.text_width
-    american = StandInConceptSet([StandInConcept("cup", "cup", _vectors(width, ("object", "color"), 3))], ("color",))
+    american = _concept_set([_concept("cup", "cup", _vectors(width, ("object", "color"), 3))], ("color",))
     assert expand_prompt("[cup.colour]", american) == "<ice:cup:color>"
-    both = StandInConceptSet(
-        [StandInConcept("cup", "cup", _vectors(width, ("object", "color", "colour"), 4))], ("color", "colour")
+    both = _concept_set(
+        [_concept("cup", "cup", _vectors(width, ("object", "color", "colour"), 4))], ("color", "colour")
     )
     assert expand_prompt("[cup.colour] [cup.color]", both) == "<ice:cup:colour> <ice:cup:color>"
 
@@ -107,22 +102,22 @@ def test_unknown_names_and_roles_list_what_exists(concepts):
     with pytest.raises(ValueError, match="no role 'shine'.*object, instance, material, colour"):
         expand_prompt("a [bust.shine]", concepts)
     with pytest.raises(ValueError, match="empty.*localize"):
-        expand_prompt("a [bust]", StandInConceptSet([]))
+        expand_prompt("a [bust]", _concept_set([]))
 
 
 def test_roles_not_learned_yet_say_which_step_to_run(tiny_bundle):
-    phase_one = StandInConceptSet(
-        [StandInConcept("bust", "bust", _vectors(tiny_bundle.text_width, ("object", "instance"), 5))], ANCHORS
+    phase_one = _concept_set(
+        [_concept("bust", "bust", _vectors(tiny_bundle.text_width, ("object", "instance"), 5))], ANCHORS
     )
     not_learned = "'material' token of concept 'bust' has not been learned.*learn_intrinsic_tokens"
     with pytest.raises(ValueError, match=not_learned):
         expand_prompt("[bust.material]", phase_one)
     with pytest.raises(ValueError, match="learn_intrinsic_tokens"):
         expand_prompt("[bust]", phase_one)
-    nothing = StandInConceptSet([StandInConcept("bust", "bust")], ())
+    nothing = _concept_set([_concept("bust", "bust")], ())
     with pytest.raises(ValueError, match="learn_object_tokens"):
         expand_prompt("[bust]", nothing)
-    assert expand_prompt("[bust]", StandInConceptSet(phase_one.concepts, ())) == "<ice:bust:object>"
+    assert expand_prompt("[bust]", _concept_set(phase_one.concepts, ())) == "<ice:bust:object>"
 
 
 # ---------------------------------------------------------------------- composing
@@ -147,7 +142,7 @@ def test_compose_uses_the_learned_vectors(tiny_bundle, concepts):
 
 def test_a_vector_equal_to_a_words_embedding_composes_like_the_word(tiny_bundle):
     word_vector = PlaceholderText(tiny_bundle.tokenizer, tiny_bundle.text_encoder).word_init("cup")
-    concepts = StandInConceptSet([StandInConcept("thing", "cup", {"object": word_vector})])
+    concepts = _concept_set([_concept("thing", "cup", {"object": word_vector})])
     learned = compose(tiny_bundle, concepts, "a photo of a [thing.object] on a table")
     plain = compose(tiny_bundle, concepts, "a photo of a cup on a table")
     assert torch.equal(learned.hidden_states, plain.hidden_states)
@@ -155,7 +150,7 @@ def test_a_vector_equal_to_a_words_embedding_composes_like_the_word(tiny_bundle)
 
 
 def test_compose_rejects_vectors_of_another_text_encoder(tiny_bundle):
-    concepts = StandInConceptSet([StandInConcept("thing", "cup", {"object": torch.zeros(768)})])
+    concepts = _concept_set([_concept("thing", "cup", {"object": torch.zeros(768)})])
     with pytest.raises(ValueError, match="different model"):
         compose(tiny_bundle, concepts, "a [thing]")
 

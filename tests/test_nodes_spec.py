@@ -93,36 +93,44 @@ def test_design_table_sockets():
     assert [o.type for o in node["ICE_ToyWorldScene"].outputs] == ["IMAGE", "STRING", "MASK"]
 
 
-def test_spec_defaults_are_the_engine_defaults():
-    from ice_ops import learn, retrieve
-    from ice_ops import localization as localize
-
-    assert _spec.DEFAULT_STOP_FRACTION == localize.DEFAULT_STOP_FRACTION
-    assert _spec.DEFAULT_MAX_CONCEPTS == localize.DEFAULT_MAX_CONCEPTS
-    assert _spec.DEFAULT_STEPS == learn.DEFAULT_STEPS
-    assert _spec.DEFAULT_LR == learn.DEFAULT_LR
-    assert tuple(w.strip() for w in _spec.DEFAULT_ANCHORS.split(",")) == tuple(learn.DEFAULT_ANCHORS)
-    assert _spec.DEFAULT_TOP_K == retrieve.DEFAULT_TOP_K
-
-
-def test_generate_defaults_and_samplers_are_the_engines():
+@pytest.mark.parametrize("node_id, widget, module, function, parameter", [
+    ("ICE_IterativeLocalize", "stop_fraction", "localization", "localize", "stop_fraction"),
+    ("ICE_IterativeLocalize", "max_concepts", "localization", "localize", "max_concepts"),
+    ("ICE_IterativeLocalize", "segmentation", "localization", "localize", "segmentation"),
+    ("ICE_AttentionSegment", "segmentation", "localization", "segment_word", "segmentation"),
+    ("ICE_ConceptRetrieve", "top_k", "retrieve", "ClipRetriever.rank", "top_k"),
+    ("ICE_LearnObjectTokens", "steps", "learn", "learn_object_tokens", "steps"),
+    ("ICE_LearnObjectTokens", "learning_rate", "learn", "learn_object_tokens", "lr"),
+    ("ICE_LearnIntrinsicTokens", "steps", "learn", "learn_intrinsic_tokens", "steps"),
+    ("ICE_LearnIntrinsicTokens", "learning_rate", "learn", "learn_intrinsic_tokens", "lr"),
+    ("ICE_LearnIntrinsicTokens", "anchors", "learn", "learn_intrinsic_tokens", "anchors"),
+    ("ICE_Generate", "steps", "composition", "generate", "steps"),
+    ("ICE_Generate", "cfg", "composition", "generate", "guidance"),
+    ("ICE_Generate", "sampler", "composition", "generate", "scheduler"),
+])
+def test_an_untouched_widget_runs_the_engine_as_its_own_default_does(node_id, widget, module, function, parameter):
+    """A user who leaves a widget alone gets what the engine does when the argument is not given."""
+    import importlib
     import inspect
 
-    from ice_ops import composition as compose
+    target = importlib.import_module(f"ice_ops.{module}")
+    for part in function.split("."):
+        target = getattr(target, part)
+    engine_default = inspect.signature(target).parameters[parameter].default
+    widget_default = _spec.NODE_BY_ID[node_id].input(widget).default
+    if parameter == "anchors":
+        from ice_ops.learn import normalise_anchors
 
-    parameters = inspect.signature(compose.generate).parameters
-    assert _spec.DEFAULT_SAMPLE_STEPS == parameters["steps"].default
-    assert _spec.DEFAULT_GUIDANCE == parameters["guidance"].default
-    assert _spec.SAMPLERS == compose.SCHEDULERS
-    assert _spec.NODE_BY_ID["ICE_Generate"].input("sampler").default == parameters["scheduler"].default
+        widget_default = normalise_anchors(widget_default)
+    assert widget_default == engine_default
 
 
-def test_segmentation_choices_are_the_engines_with_the_paper_first():
-    from ice_ops import localization as localize
+def test_the_segmentation_widgets_offer_every_engine_choice_with_the_paper_first():
+    from ice_ops import localization
 
-    assert _spec.SEGMENTATIONS == localize.SEGMENTATIONS and _spec.SEGMENTATIONS[0] == localize.DIFFSEG
     for node_id in ("ICE_AttentionSegment", "ICE_IterativeLocalize"):
-        assert _spec.NODE_BY_ID[node_id].input("segmentation").default == localize.DIFFSEG
+        spec_input = _spec.NODE_BY_ID[node_id].input("segmentation")
+        assert tuple(spec_input.options) == localization.SEGMENTATIONS and spec_input.options[0] == localization.DIFFSEG
 
 
 def test_toyworld_scene_range_stays_in_the_held_out_seeds():

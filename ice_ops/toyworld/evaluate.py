@@ -25,10 +25,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..defaults import DEFAULT_SAMPLE_STEPS
 from .scenes import SHAPES, Scene, classify_colour, classify_material, held_out_seed, make_scene
 
 DEFAULT_LEARN_STEPS = 100
-DEFAULT_SAMPLE_STEPS = 25
 SWAP_SHAPES = ("circle", "square")  # the swap prompt's shape: the first one that differs from the concept's word
 MATCH_MIN_IOU = 0.0  # a pairing with no overlap at all counts as unmatched
 ICE = "ice"
