@@ -26,7 +26,7 @@ from .tokens import PlaceholderText, placeholder_string
 
 Monitor = Callable[[int, dict], None]  # (step, {"loss", "diffusion", "attention", "regulariser"}) per step
 
-# Reference schedule (ice_spec §2.3-2.8): 400 + 400 steps, AdamW lr 5e-4, weight decay 1e-2, clip 1.0.
+# The reference's schedule: 400 + 400 steps, AdamW lr 5e-4, weight decay 1e-2, clip 1.0.
 ADAM_BETAS = (0.9, 0.999)
 ADAM_WEIGHT_DECAY = 1e-2
 ADAM_EPS = 1e-8

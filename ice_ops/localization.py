@@ -31,7 +31,7 @@ from .progress import cancel_point
 from .segment import aggregate_cross_attention, diffseg, label_segments, split_instances
 from .text import word_token_positions
 
-# Constants of the method (ice_spec §1): paper's tau, the reference's DiffSeg settings and instance size.
+# Constants of the method: paper's tau, the reference's DiffSeg settings and instance size.
 SEGMENT_TIMESTEP_FRACTION = 0.15  # t = 150 of 1000 training steps, on the clean latent
 DEFAULT_KL_THRESHOLDS = (1.1, 1.1, 1.1)
 MIN_INSTANCE_FRACTION = 0.025

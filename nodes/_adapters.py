@@ -24,7 +24,7 @@ SUPPORTED_TEXT = "Stable Diffusion 1.x (ComfyUI model type SD15) and 2.x (SD20: 
 # ComfyUI text-encoder wrapper classes (comfy/sd1_clip.py, comfy/text_encoders/sd2_clip.py) per family.
 CLIP_CLASSES = {"sd1": "SD1ClipModel", "sd2": "SD2ClipModel"}
 LATENT_CHANNELS = 4  # SD 1.x/2.x latents; 9-channel inpainting and 8-channel pix2pix UNets are not supported
-# ICE keeps the engine's weights in fp32 and autocasts on GPU (design.md, performance principles).
+# ICE keeps the engine's weights in fp32 and autocasts on GPU (docs/DECISIONS.md, Stage Two: autocast).
 BUNDLE_DTYPE = torch.float32
 DIFFUSERS_MODEL_CLASS = "diffusers"  # IceModel.model_class of models loaded from a diffusers folder
 PREVIEW_FORMAT = "JPEG"  # what ComfyUI's latent previews send (latent_preview.py)

@@ -25,7 +25,7 @@ DIFFUSERS_INDEX = "model_index.json"  # what marks a folder as a diffusers pipel
 WEIGHTS_EXTENSION = ".safetensors"  # only safetensors are read from user files (no pickles)
 CONFIG_EXTENSION = ".json"
 VOCABULARY_EXTENSION = ".txt"
-# Architectures to offer first: the CLIP family of each supported SD text encoder (design.md, Weights):
+# Architectures to offer first: the CLIP family of each supported SD text encoder (README, Models):
 # OpenAI ViT-L/14 weights need open_clip's QuickGELU variant (SD 1.x), OpenCLIP ViT-H-14 laion2b (SD 2.x).
 RECOMMENDED_ARCHITECTURES = ("ViT-L-14-quickgelu", "ViT-H-14")
 QUICKGELU_SUFFIX = "-quickgelu"

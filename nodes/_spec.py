@@ -570,7 +570,8 @@ STOCK_NODES: dict[str, NodeSpec] = {
         ),
     )
 }
-# UI-format widgets that store one extra value after their own (comfyui_notes §10.4).
+# UI-format widgets that store one extra value after their own
+# (docs/COMFYUI.md, Widget values in UI-format workflows).
 IMAGE_UPLOAD_WIDGETS = {("LoadImage", "image")}
 
 

@@ -149,7 +149,8 @@ def _run(code: str) -> str:
 
 
 def test_pack_root_imports_nothing_from_comfyui_or_torch():
-    # Load the pack the way ComfyUI does (comfyui_notes §1.1): a package from its __init__.py by file path.
+    # Load the pack the way ComfyUI does (docs/COMFYUI.md, Loading the pack): a package from its __init__.py,
+    # by file path.
     code = (
         "import importlib.util, inspect, sys\n"
         f"spec = importlib.util.spec_from_file_location('pack_under_test', {os.path.join(ROOT, '__init__.py')!r})\n"

@@ -19,8 +19,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKPOINT_NAMES = {"sd1": "ice_tiny_sd15.safetensors", "sd2": "ice_tiny_sd21.safetensors"}
-# The "tiny variant" of the SD1.5 UNet (comfyui_notes §8.1): two levels instead of four, one res block
-# per level; model_channels (320) and the 768-d context keep ComfyUI's SD15 detection. CLIP-L and the VAE
+# The "tiny variant" of the SD1.5 UNet (docs/COMFYUI.md, Tiny test checkpoints): two levels instead of four,
+# one res block per level; model_channels (320) and the 768-d context keep ComfyUI's SD15 detection. CLIP-L and the VAE
 # are full size because ComfyUI's SD15 model class fixes their architectures.
 TINY_UNET_OVERRIDES = {
     "block_out_channels": [320, 640],
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, os.path.abspath(args.comfyui))
     from comfy.cli_args import args as comfy_args
 
-    comfy_args.cpu = True  # must precede any comfy.model_management import (comfyui_notes §8.2)
+    comfy_args.cpu = True  # must precede any comfy.model_management import (docs/COMFYUI.md, CPU mode)
     written = [
         build_checkpoint(os.path.join(args.out, "checkpoints", CHECKPOINT_NAMES[family]), family)
         for family in (args.family or ["sd1"])
