@@ -1,10 +1,17 @@
-"""Write the example workflows: UI format in ``workflows/`` with a ``.jpg`` diagram of the same name, and
-their API-format twins in ``tests/workflows/`` (what the ComfyUI test tier queues through /prompt).
+"""Write the example workflows: UI format in ``workflows/`` (what ComfyUI's template browser lists) and their
+API-format twins in ``tests/workflows/`` (what the ComfyUI test tier queues through /prompt).
 
     python -m nodes.make_workflows           # rewrite all files
     python -m nodes.make_workflows --check   # exit 1 if a file differs from what would be written
 
-Each graph is written once below; socket order, widget order and types come from ``nodes/_spec.py``.
+Each graph is written once below; socket order, widget order and types come from ``nodes/_spec.py``. Nodes are
+stacked in columns using the frontend's own node geometry, with room for the pictures that appear after a run,
+so no two boxes overlap; tests/browser checks that in a real ComfyUI frontend.
+
+Template browser: ComfyUI frontend 1.27 lists a pack's templates by file name only (it shows the name as the
+card's title and, with ``-`` and ``_`` turned into spaces, as its description), so each UI file is named with
+its title (:data:`TEMPLATE_TITLES`). The ``.jpg`` thumbnails next to them are screenshots of the graph after
+a run, taken by the browser tier (``ICE_WRITE_SCREENSHOTS=1``), not drawn here.
 """
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._spec import BUILTIN_VOCABULARY, NODE_BY_ID, TOYWORLD_MODEL, NodeSpec, node_spec, widget_value_count
+from ._spec import (
+    BUILTIN_VOCABULARY, STOCK_NODES, TOYWORLD_MODEL, InputSpec, NodeSpec, OutputSpec, node_spec, widget_value_count,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_FOLDER = os.path.join(ROOT, "workflows")
@@ -44,11 +53,66 @@ TOYWORLD_MIN_CONTRAST = 4.0  # ice_ops.toyworld.MIN_CONTRAST: the stop rule cali
 SEED_CONTROL = "fixed"  # value stored after a seed widget in UI format
 IMAGE_UPLOAD_VALUE = "image"  # value stored after LoadImage's image widget
 
-# Layout of the UI graph (canvas pixels) and of the thumbnail.
-COLUMN_WIDTH, ROW_HEIGHT, MARGIN = 400, 260, 40
-NODE_WIDTH, TITLE_HEIGHT, SLOT_HEIGHT, MULTILINE_EXTRA = 340, 30, 24, 90
-THUMB_WIDTH, THUMB_HEIGHT, THUMB_QUALITY = 768, 432, 88
-ICE_COLOUR, STOCK_COLOUR, LINK_COLOUR, BACKGROUND = (54, 94, 150), (70, 70, 78), (230, 190, 90), (30, 30, 34)
+# The Toy World pictures are 64 px, which the canvas shows at their natural size: the generated image is enlarged
+# this many times, repeating pixels, before Save Image (labelled previews enlarge themselves, see
+# ice_ops.imaging.LEGIBLE_SIDE).
+TOYWORLD_VIEW_SCALE = 4
+VIEW_UPSCALE_METHOD = "nearest-exact"
+
+# Card titles in ComfyUI's template browser: the UI file names (see the module docstring). Numbered in the
+# order to try them; only characters that are safe in file names and URLs on every system.
+TEMPLATE_TITLES = {
+    "ice_toyworld_demo": "ICE 1 - Toy World demo, nothing to download",
+    "ice_extract_concepts": "ICE 2 - Extract concepts from your image",
+    "ice_compose": "ICE 3 - Compose images from saved concepts",
+    "ice_full_pipeline": "ICE 4 - Extract and compose in one graph",
+}
+
+# Node geometry of the ComfyUI frontend (LiteGraph, frontend 1.27), in canvas units: the title bar sits above a
+# node's ``pos``; the body has one row per input/output slot, then one row per widget (plus padding); a node
+# that shows a picture gets an image area of at least PREVIEW_MIN_HEIGHT when the picture arrives.
+TITLE_HEIGHT = 30
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 24
+WIDGETS_PADDING = 14
+BARE_PADDING = 6  # below the slots of a node without widgets
+PREVIEW_MIN_HEIGHT = 220
+BADGE_HEIGHT = 20  # the pack badge ("ICE") drawn above an ICE node's title bar
+# Our layout: node width, the text box of a multiline widget, the image area reserved on nodes that show a
+# picture (a labelled 256 px Toy World preview with its size caption fits), and the gaps between boxes.
+NODE_WIDTH = 300
+MULTILINE_HEIGHT = 100
+PREVIEW_HEIGHT = 280
+COLUMN_GAP = 70
+ROW_GAP = 50
+MARGIN = 40
+# The view a workflow opens with: the whole graph fits the canvas of a 1600 x 900 browser window (the canvas
+# is that less the 64 px side bar and the 80 px of tabs and menu), at most at 100 %.
+VIEW_WIDTH, VIEW_HEIGHT = 1600 - 64, 900 - 80
+MAX_VIEW_SCALE = 1.0
+VIEW_SCALE_DECIMALS = 2
+# Nodes that show a picture on the canvas once the graph has run: image outputs, Load Image's picture, and
+# Localize Concepts' live preview of the masks found so far.
+PICTURE_NODES = ("SaveImage", "PreviewImage", "LoadImage", "ICE_PreviewConcepts", "ICE_IterativeLocalize")
+
+# Stock ComfyUI nodes used here that nodes/_spec.py STOCK_NODES does not describe yet (ComfyUI 0.3.64 nodes.py).
+EXTRA_STOCK_NODES = {
+    spec.node_id: spec
+    for spec in (
+        NodeSpec(
+            "ImageScaleBy", "Upscale Image By", "image/upscaling", "",
+            (InputSpec("image", "IMAGE", ""), InputSpec("upscale_method", "COMBO", ""),
+             InputSpec("scale_by", "FLOAT", "")),
+            (OutputSpec("IMAGE", "IMAGE"),),
+        ),
+    )
+    if spec.node_id not in STOCK_NODES
+}
+
+
+def spec_of(node_type: str) -> NodeSpec:
+    """:func:`nodes._spec.node_spec`, or the description above of a stock node it does not know yet."""
+    return EXTRA_STOCK_NODES[node_type] if node_type in EXTRA_STOCK_NODES else node_spec(node_type)
 
 
 @dataclass
@@ -64,7 +128,7 @@ class Step:
 
     @property
     def spec(self) -> NodeSpec:
-        return node_spec(self.type)
+        return spec_of(self.type)
 
 
 def _loader_steps() -> list[Step]:
@@ -86,27 +150,32 @@ def _localize_step(step_id: int, model: int, retriever: int, image: int, column:
 
 
 def _extract_steps() -> list[Step]:
+    """Loaders, then Localize Concepts, its preview and the two learners, then Save Concepts (column 3)."""
     return [
         Step(2, "LoadImage", {"image": IMAGE}, column=0, row=1),
         _retriever_step(4, RETRIEVER_WEIGHTS, column=0, row=2),
         _localize_step(5, model=3, retriever=4, image=2, column=1, row=1),
-        Step(6, "ICE_PreviewConcepts", {}, {"image": (2, 0), "concepts": (5, 0)}, 1, 2),
+        Step(6, "ICE_PreviewConcepts", {}, {"image": (2, 0), "concepts": (5, 0)}, 2, 0),
         Step(7, "ICE_LearnObjectTokens", {"steps": 400, "learning_rate": 5e-4, "seed": 0},
-             {"ice_model": (3, 0), "image": (2, 0), "concepts": (5, 0)}, 2, 0),
+             {"ice_model": (3, 0), "image": (2, 0), "concepts": (5, 0)}, 2, 1),
         Step(8, "ICE_LearnIntrinsicTokens",
              {"anchors": "material, colour", "steps": 400, "refine_steps": 0, "learning_rate": 5e-4, "seed": 0},
-             {"ice_model": (3, 0), "image": (2, 0), "concepts": (7, 0)}, 2, 1),
-        Step(9, "ICE_SaveConcepts", {"name": CONCEPT_SET_NAME, "overwrite": False}, {"concepts": (8, 0)}, 2, 2),
+             {"ice_model": (3, 0), "image": (2, 0), "concepts": (7, 0)}, 2, 2),
+        Step(9, "ICE_SaveConcepts", {"name": CONCEPT_SET_NAME, "overwrite": False}, {"concepts": (8, 0)}, 3, 0),
     ]
 
 
-def _sampling_steps(first: int, model: tuple[int, int], concepts: tuple[int, int], column: int) -> list[Step]:
+def _sampling_steps(
+    first: int, model: tuple[int, int], concepts: tuple[int, int], column: int, row: int = 0
+) -> list[Step]:
+    """Compose Concepts, the negative prompt and the latent in ``column`` from ``row`` on; the sampler, the
+    decoder and Save Image in the next column."""
     compose, negative, latent, sampler, decode, save = range(first, first + 6)
     return [
         Step(compose, "ICE_ComposeConcepts", {"prompt": COMPOSE_PROMPT}, {"ice_model": (3, 0), "concepts": concepts},
-             column, 0),
-        Step(negative, "CLIPTextEncode", {"text": NEGATIVE_PROMPT}, {"clip": (1, 1)}, column, 1),
-        Step(latent, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, column=column, row=2),
+             column, row),
+        Step(negative, "CLIPTextEncode", {"text": NEGATIVE_PROMPT}, {"clip": (1, 1)}, column, row + 1),
+        Step(latent, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, column=column, row=row + 2),
         Step(sampler, "KSampler",
              {"seed": 0, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
              {"model": model, "positive": (compose, 0), "negative": (negative, 0), "latent_image": (latent, 0)},
@@ -129,25 +198,36 @@ def _toyworld_steps() -> list[Step]:
         Step(6, "ICE_LearnObjectTokens", learn, {"ice_model": (1, 0), "image": (2, 0), "concepts": (4, 0)}, 2, 0),
         Step(7, "ICE_LearnIntrinsicTokens", {"anchors": "material, colour", "refine_steps": 0, **learn},
              {"ice_model": (1, 0), "image": (2, 0), "concepts": (6, 0)}, 2, 1),
-        Step(8, "ICE_ComposeConcepts", {"prompt": TOYWORLD_PROMPT}, {"ice_model": (1, 0), "concepts": (7, 0)}, 3, 0),
+        Step(8, "ICE_ComposeConcepts", {"prompt": TOYWORLD_PROMPT}, {"ice_model": (1, 0), "concepts": (7, 0)}, 2, 2),
         Step(9, "ICE_Generate",
              {"seed": 0, "steps": 25, "cfg": 7.5, "sampler": "dpm++", "width": 0, "height": 0},
-             {"ice_model": (1, 0), "positive": (8, 0)}, 3, 1),
-        Step(10, "SaveImage", {"filename_prefix": "ice_toyworld"}, {"images": (9, 0)}, 3, 2),
+             {"ice_model": (1, 0), "positive": (8, 0)}, 3, 0),
+        Step(11, "ImageScaleBy", {"upscale_method": VIEW_UPSCALE_METHOD, "scale_by": float(TOYWORLD_VIEW_SCALE)},
+             {"image": (9, 0)}, 3, 1),
+        Step(10, "SaveImage", {"filename_prefix": "ice_toyworld"}, {"images": (11, 0)}, 3, 2),
     ]
 
 
 def workflows() -> dict[str, list[Step]]:
-    compose = _loader_steps() + [Step(2, "ICE_LoadConcepts", {"concept_set": CONCEPT_SET_NAME + ".safetensors"},
-                                      column=0, row=1)]
-    compose += _sampling_steps(10, model=(1, 0), concepts=(2, 0), column=2)
-    full = _loader_steps() + _extract_steps() + _sampling_steps(10, model=(8, 1), concepts=(8, 0), column=3)
+    """Every example graph by its key (the API twin is ``<key>_api.json``; the UI file is named by its title)."""
+    compose = [
+        Step(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, column=0, row=0),
+        Step(2, "ICE_LoadConcepts", {"concept_set": CONCEPT_SET_NAME + ".safetensors"}, column=0, row=1),
+        Step(3, "ICE_LoadICEModel", {"working_resolution": 0}, {"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}, 1, 0),
+    ]
+    compose += _sampling_steps(10, model=(1, 0), concepts=(2, 0), column=1, row=1)
+    full = _loader_steps() + _extract_steps() + _sampling_steps(10, model=(8, 1), concepts=(8, 0), column=3, row=1)
     return {
+        "ice_toyworld_demo": _toyworld_steps(),
         "ice_extract_concepts": _loader_steps() + _extract_steps(),
         "ice_compose": compose,
         "ice_full_pipeline": full,
-        "ice_toyworld_demo": _toyworld_steps(),
     }
+
+
+def ui_file_name(key: str) -> str:
+    """The UI file of workflow ``key`` (without ``.json``): its title in the template browser."""
+    return TEMPLATE_TITLES[key]
 
 
 # ---------------------------------------------------------------------- formats
@@ -166,14 +246,41 @@ def api_workflow(steps: list[Step]) -> dict:
     return prompt
 
 
-def _node_size(spec: NodeSpec) -> list[int]:
-    rows = max(len(spec.sockets), len(spec.outputs)) + len(spec.widgets)
-    extra = MULTILINE_EXTRA if any(w.multiline for w in spec.widgets) else 0
-    return [NODE_WIDTH, TITLE_HEIGHT + SLOT_HEIGHT * rows + extra]
+def node_height(step: Step) -> int:
+    """Body height (below the title bar) that fits the node's slots and widgets as the frontend lays them out,
+    plus the picture area of a node that shows one."""
+    spec = step.spec
+    height = SLOT_HEIGHT * max(len(spec.sockets), len(spec.outputs), 1)
+    if spec.widgets:
+        height += WIDGETS_PADDING + sum(
+            MULTILINE_HEIGHT if widget.multiline else WIDGET_HEIGHT * widget_value_count(step.type, widget)
+            for widget in spec.widgets
+        )
+    else:
+        height += BARE_PADDING
+    return height + (PREVIEW_HEIGHT if step.type in PICTURE_NODES else 0)
 
 
-def _position(step: Step) -> list[int]:
-    return [MARGIN + step.column * COLUMN_WIDTH, MARGIN + step.row * ROW_HEIGHT]
+def layout(steps: list[Step]) -> dict[int, tuple[list[int], list[int]]]:
+    """``{node id: (pos, size)}``: columns side by side, each column's nodes stacked by row, with room for the
+    title bar and the badge above every node."""
+    placed = {}
+    for column in sorted({step.column for step in steps}):
+        top = MARGIN + BADGE_HEIGHT
+        for step in sorted((s for s in steps if s.column == column), key=lambda s: s.row):
+            height = node_height(step)
+            placed[step.id] = ([MARGIN + column * (NODE_WIDTH + COLUMN_GAP), top + TITLE_HEIGHT], [NODE_WIDTH, height])
+            top += TITLE_HEIGHT + height + ROW_GAP
+    return placed
+
+
+def initial_view(placed: dict[int, tuple[list[int], list[int]]]) -> dict:
+    """The canvas view a workflow opens with: the whole graph in a 1600 x 900 window (see VIEW_WIDTH)."""
+    right = max(pos[0] + size[0] for pos, size in placed.values()) + MARGIN
+    bottom = max(pos[1] + size[1] for pos, size in placed.values()) + MARGIN
+    scale = min(MAX_VIEW_SCALE, VIEW_WIDTH / right, VIEW_HEIGHT / bottom)
+    step = 10 ** VIEW_SCALE_DECIMALS
+    return {"scale": int(scale * step) / step, "offset": [0, 0]}
 
 
 def ui_workflow(name: str, steps: list[Step]) -> dict:
@@ -198,7 +305,7 @@ def ui_workflow(name: str, steps: list[Step]) -> dict:
                 slot["link"] = link_id
             slots.append(slot)
         incoming[step.id] = slots
-    nodes = []
+    nodes, placed = [], layout(steps)
     for order, step in enumerate(_execution_order(steps)):
         values: list[Any] = []
         for widget in step.spec.widgets:
@@ -210,7 +317,7 @@ def ui_workflow(name: str, steps: list[Step]) -> dict:
             for index, out in enumerate(step.spec.outputs)
         ]
         nodes.append({
-            "id": step.id, "type": step.type, "pos": _position(step), "size": _node_size(step.spec),
+            "id": step.id, "type": step.type, "pos": placed[step.id][0], "size": placed[step.id][1],
             "flags": {}, "order": order, "mode": 0, "inputs": incoming[step.id], "outputs": outputs,
             "properties": {"Node name for S&R": step.type}, "widgets_values": values,
         })
@@ -219,7 +326,7 @@ def ui_workflow(name: str, steps: list[Step]) -> dict:
         "id": str(uuid.uuid5(WORKFLOW_NAMESPACE, name)), "revision": 0,
         "last_node_id": max(s.id for s in steps), "last_link_id": len(links),
         "nodes": nodes, "links": links, "groups": [], "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+        "extra": {"ds": initial_view(placed)}, "version": 0.4,
     }
 
 
@@ -235,56 +342,22 @@ def _execution_order(steps: list[Step]) -> list[Step]:
     return done
 
 
-def thumbnail(steps: list[Step]):
-    """A PIL diagram of the graph: one box per node (ICE nodes blue), one line per link."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    columns = max(s.column for s in steps) + 1
-    rows = max(s.row for s in steps) + 1
-    scale_x = THUMB_WIDTH / (MARGIN + columns * COLUMN_WIDTH)
-    scale_y = THUMB_HEIGHT / (MARGIN + rows * ROW_HEIGHT)
-    scale = min(scale_x, scale_y)
-    picture = Image.new("RGB", (THUMB_WIDTH, THUMB_HEIGHT), BACKGROUND)
-    draw = ImageDraw.Draw(picture)
-    try:
-        font = ImageFont.load_default(size=max(9, int(22 * scale)))
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    boxes = {}
-    for step in steps:
-        x, y = _position(step)
-        width, height = _node_size(step.spec)
-        x, y, width = x * scale_x, y * scale_y, width * scale_x
-        height = min(height, ROW_HEIGHT - MARGIN) * scale_y
-        boxes[step.id] = (x, y, x + width, y + height)
-    by_id = {s.id: s for s in steps}
-    for step in steps:
-        for name, (source, slot) in step.links.items():
-            sx0, sy0, sx1, sy1 = boxes[source]
-            tx0, ty0, _, ty1 = boxes[step.id]
-            start = (sx1, sy0 + (slot + 1) * (sy1 - sy0) / (len(by_id[source].spec.outputs) + 1))
-            draw.line([start, (tx0, (ty0 + ty1) / 2)], fill=LINK_COLOUR, width=2)
-    for step in steps:
-        colour = ICE_COLOUR if step.type in NODE_BY_ID else STOCK_COLOUR
-        draw.rounded_rectangle(boxes[step.id], radius=6, fill=colour, outline=(200, 200, 210))
-        x0, y0, x1, _ = boxes[step.id]
-        draw.text(((x0 + x1) / 2, y0 + 14 * scale + 6), step.spec.display_name, fill=(245, 245, 245), font=font, anchor="mm")
-    return picture
-
-
 # ---------------------------------------------------------------------- files
 def rendered_files() -> dict[str, bytes]:
-    """Every file this tool writes, by path."""
-    import io
-
+    """Every file this tool writes, by path (the thumbnails are screenshots: see the module docstring)."""
     files = {}
-    for name, steps in workflows().items():
-        files[os.path.join(UI_FOLDER, name + ".json")] = (json.dumps(ui_workflow(name, steps), indent=1) + "\n").encode()
-        files[os.path.join(API_FOLDER, name + API_SUFFIX)] = (json.dumps(api_workflow(steps), indent=1) + "\n").encode()
-        buffer = io.BytesIO()
-        thumbnail(steps).save(buffer, format="JPEG", quality=THUMB_QUALITY)
-        files[os.path.join(UI_FOLDER, name + ".jpg")] = buffer.getvalue()
+    for key, steps in workflows().items():
+        ui = ui_workflow(key, steps)
+        files[os.path.join(UI_FOLDER, ui_file_name(key) + ".json")] = (json.dumps(ui, indent=1) + "\n").encode()
+        files[os.path.join(API_FOLDER, key + API_SUFFIX)] = (json.dumps(api_workflow(steps), indent=1) + "\n").encode()
     return files
+
+
+def stale_files(rendered: dict[str, bytes]) -> list[str]:
+    """Workflow files in our two folders that this tool no longer writes (a renamed or removed workflow)."""
+    found = [os.path.join(UI_FOLDER, name) for name in os.listdir(UI_FOLDER) if name.endswith(".json")]
+    found += [os.path.join(API_FOLDER, name) for name in os.listdir(API_FOLDER) if name.endswith(API_SUFFIX)]
+    return sorted(path for path in found if path not in rendered)
 
 
 def _write_atomic(path: str, payload: bytes) -> None:
@@ -296,18 +369,21 @@ def _write_atomic(path: str, payload: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write the example workflows, thumbnails and API twins.")
+    parser = argparse.ArgumentParser(description="Write the example workflows (UI format) and their API twins.")
     parser.add_argument("--check", action="store_true", help="only report files that are out of date")
     args = parser.parse_args(argv)
+    rendered = rendered_files()
     stale = []
-    for path, payload in rendered_files().items():
+    for path, payload in rendered.items():
         current = open(path, "rb").read() if os.path.exists(path) else None
-        if path.endswith(".jpg") and current is not None and args.check:
-            continue  # JPEG bytes depend on the Pillow version; the JSON files carry the graph
         if current != payload:
             stale.append(os.path.relpath(path, ROOT))
             if not args.check:
                 _write_atomic(path, payload)
+    for path in stale_files(rendered):
+        stale.append(os.path.relpath(path, ROOT) + " (no longer written)")
+        if not args.check:
+            os.remove(path)
     if args.check and stale:
         sys.stderr.write("out of date: " + ", ".join(stale) + "\n")
         return 1

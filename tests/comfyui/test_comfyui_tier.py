@@ -181,12 +181,19 @@ def test_server_serves_every_ice_node_and_the_stock_nodes_our_workflows_use(serv
 
 
 def test_example_workflows_are_served_as_templates_of_the_pack(server):
+    from urllib.parse import quote
+
     import requests
 
+    from nodes.make_workflows import TEMPLATE_TITLES
+
     templates = requests.get(server.url + "/workflow_templates", timeout=30).json()
-    assert set(templates[PACK_DIR_NAME]) >= {"ice_extract_concepts", "ice_compose", "ice_full_pipeline"}
-    served = requests.get(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/ice_compose.json", timeout=30)
-    assert served.status_code == 200 and served.json()["nodes"]
+    assert set(templates[PACK_DIR_NAME]) == set(TEMPLATE_TITLES.values())
+    folder = f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/"
+    for title in TEMPLATE_TITLES.values():  # files named by their titles: spaces and commas in the URL
+        for suffix in (".json", ".jpg"):
+            assert requests.get(folder + quote(title) + suffix, timeout=30).status_code == 200, title + suffix
+    assert requests.get(folder + quote(TEMPLATE_TITLES["ice_compose"]) + ".json", timeout=30).json()["nodes"]
 
 
 def test_model_folders_list_the_test_files(server):
@@ -221,11 +228,14 @@ def test_generate_refuses_conditioning_of_another_text_encoder(server):
 def test_toyworld_demo_runs_inside_comfyui_with_no_downloaded_weights(server):
     from PIL import Image
 
+    from nodes.make_workflows import TOYWORLD_VIEW_SCALE
+
     prompt = load_twin("ice_toyworld_demo")
     entry = server.run(prompt, RUN_TIMEOUT_S)
     (saved,) = output_files(entry, node_id(prompt, "SaveImage"))
+    side = TOYWORLD_SIDE * TOYWORLD_VIEW_SCALE  # the workflow enlarges the 64 px image to be seen on the canvas
     with Image.open(os.path.join(server.base, "output", saved["filename"])) as picture:
-        assert picture.size == (TOYWORLD_SIDE, TOYWORLD_SIDE)
+        assert picture.size == (side, side)
     assert output_files(entry, node_id(prompt, "ICE_PreviewConcepts")), "Preview Concepts shows the masks"
 
 
