@@ -36,7 +36,8 @@ SEGMENT_TIMESTEP_FRACTION = 0.15  # t = 150 of 1000 training steps, on the clean
 DEFAULT_KL_THRESHOLDS = (1.1, 1.1, 1.1)
 MIN_INSTANCE_FRACTION = 0.025
 PROMPT_FILLERS = ("things", "background")  # the segmentation prompt is "<word> things background"
-BACKGROUND_INDEX = 2  # index of "background" in (word, "things", "background")
+WORD_INDEX = 0  # the segmentation prompt's words are (word, *PROMPT_FILLERS)
+BACKGROUND_INDEX = 1 + PROMPT_FILLERS.index("background")
 # Cross-attention segmentation: the word's pixels are those whose (bilinearly upsampled, summed over the
 # grids) attention to the word reaches this fraction of its range above the image's minimum.
 CROSS_ATTENTION_FRACTION = 0.5
@@ -83,31 +84,46 @@ def segment_word(
     check_segmentation(segmentation)
     check_attention_fraction(attention_fraction)
     image, ignore, working = _prepare_input(bundle, image, ignore)
-    height, width = image.shape[-2:]
     size = tuple(working.shape[-2:])
     words = segmentation_words(word)
     column_groups = _column_groups(word_token_positions(bundle.tokenizer, words))
     self_maps, cross = _attend(bundle, working, words, record_self=segmentation == DIFFSEG, timestep=timestep)
     word_map = _word_map(cross, column_groups)
     if segmentation == DIFFSEG:
-        labels = diffseg(self_maps, size, kl_thresholds=tuple(kl_thresholds), refine=refine)
-        segment_to_word = label_segments(labels, cross, column_groups)
+        labels, segment_to_word = _diffseg_segments(self_maps, cross, column_groups, size, kl_thresholds, refine)
     else:
-        labels = cross_attention_labels(word_map, attention_fraction)
-        segment_to_word = {1: 0}  # segment 1 is the word; segment 0 (the rest) stays unexplained
+        labels, segment_to_word = _word_map_segments(word_map, attention_fraction)
+    return _segment_result(words, labels, segment_to_word, word_map, ignore, tuple(image.shape[-2:]),
+                           min_instance_fraction)
 
-    word_mask = _union(labels, [s for s, w in segment_to_word.items() if w == 0])
-    removed = _union(labels, [s for s, w in segment_to_word.items() if w in (0, BACKGROUND_INDEX)])
+
+def _diffseg_segments(self_maps, cross, column_groups, size, kl_thresholds, refine):
+    """DiffSeg's segments of the self-attention, each given to the prompt word that attends to it most."""
+    labels = diffseg(self_maps, size, kl_thresholds=tuple(kl_thresholds), refine=refine)
+    return labels, label_segments(labels, cross, column_groups)
+
+
+def _word_map_segments(word_map, attention_fraction):
+    """Two segments: the word's pixels (segment 1) and the rest (segment 0, left unexplained)."""
+    return cross_attention_labels(word_map, attention_fraction), {1: WORD_INDEX}
+
+
+def _segment_result(words, labels, segment_to_word, word_map, ignore, image_size, min_instance_fraction):
+    """The word's mask, what it explains (the word and the background) and its instances, at image size;
+    ``ignore`` (already explained pixels) is never part of them."""
+    size = tuple(labels.shape)
+    word_mask = _union(labels, [s for s, w in segment_to_word.items() if w == WORD_INDEX])
+    removed = _union(labels, [s for s, w in segment_to_word.items() if w in (WORD_INDEX, BACKGROUND_INDEX)])
     unexplained = torch.ones(size) if ignore is None else 1 - resize_mask(ignore, size)
-    contrast = attention_contrast(word_map, word_mask > 0.5, unexplained > 0.5)
-    labels_full = torch.nn.functional.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")
-    word_mask, removed = resize_mask(word_mask, (height, width)), resize_mask(removed, (height, width))
+    contrast = attention_contrast(word_map, word_mask > MASK_THRESHOLD, unexplained > MASK_THRESHOLD)
+    labels_full = torch.nn.functional.interpolate(labels[None, None].float(), size=image_size, mode="nearest")
+    word_mask, removed = resize_mask(word_mask, image_size), resize_mask(removed, image_size)
     if ignore is not None:
         keep = 1 - ignore
         word_mask, removed = word_mask * keep, removed * keep
-    instances = split_instances(word_mask > 0.5, min_fraction=min_instance_fraction)
+    instances = split_instances(word_mask > MASK_THRESHOLD, min_fraction=min_instance_fraction)
     return SegmentResult(
-        word=words[0],
+        word=words[WORD_INDEX],
         mask=word_mask,
         instances=instances,
         removed=removed,
