@@ -3,8 +3,8 @@ attention alignment by a converged entropic Wasserstein distance.
 
 Everything here is a small pure function of tensors; ``learn.py`` wires them into training steps.
 Deliberate differences from the reference code (ice_spec.md §4.2/§4.3) are documented where they happen:
-masks are area-averaged and the masked loss is normalised by mask area (B16); pooled embeddings are read at
-the first end-of-text token (B9); triplets use cosine distances so margins can switch off, and never divide
+the masked loss is normalised by mask area (B16; ``learn.py`` area-averages the masks to the latent grid with
+``imaging.resize_soft_mask``); triplets use cosine distances so margins can switch off, and never divide
 by a count of active terms (B8, §2.7c); phase-two margins need no word lookup, so an object word equal to an
 anchor word just works (B17); Sinkhorn anneals epsilon and iterates to a marginal tolerance (B8, §2.7e).
 """
@@ -16,8 +16,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-from .imaging import resize_soft_mask
 
 # Reference constants (ice_spec.md §2.6, §2.10).
 NOISE_OFFSET = 0.1  # config.py:109, noise_offset
@@ -78,27 +76,6 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     )
 
 
-def mask_to_latent(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Downsample a soft mask ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]`` to ``[B, 1, h, w]`` by area averaging.
-
-    Area averaging keeps thin structures as partial weights; the reference's nearest sampling reads one
-    pixel per latent cell and can drop them entirely (ice_spec.md B16).
-    """
-    if mask.ndim == 2:
-        mask = mask[None, None]
-    elif mask.ndim == 3:
-        mask = mask[:, None]
-    if mask.ndim != 4 or mask.shape[1] != 1:
-        raise ValueError(
-            f"Expected a mask shaped [H, W], [B, H, W] or [B, 1, H, W], got {tuple(mask.shape)}; "
-            "pass one mask channel per image."
-        )
-    height, width = (int(side) for side in size)
-    if height < 1 or width < 1:
-        raise ValueError(f"The latent size must be positive, got {tuple(size)}.")
-    return resize_soft_mask(mask, (height, width))
-
-
 def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Squared error weighted by a soft latent mask ``[B or 1, 1, h, w]``, normalised by mask area per item.
 
@@ -115,7 +92,7 @@ def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: 
     if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or mask.shape[2:] != (height, width):
         raise ValueError(
             f"The mask must be [B or 1, 1, {height}, {width}] to match the latents {tuple(prediction.shape)}, got "
-            f"{tuple(mask.shape)}; resize it with mask_to_latent(mask, ({height}, {width}))."
+            f"{tuple(mask.shape)}; resize it with ice_ops.imaging.resize_soft_mask(mask, ({height}, {width}))."
         )
     mask = mask.float().expand(batch, 1, height, width)
     squared_error = (prediction.float() - target.float()).square()
@@ -160,32 +137,8 @@ def offset_noise(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pooled embeddings and triplets
+# Triplets on pooled embeddings
 # ---------------------------------------------------------------------------------------------------
-
-
-def pooled_at_eos(hidden_states: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Hidden state ``[B, D]`` at the first end-of-text token of each row.
-
-    The legacy CLIP pooling reads at ``argmax(input_ids)``, which lands on an added placeholder token (its id
-    is above the vocabulary) instead of the end of text (ice_spec.md §2.7b, B9); the first EOS is always the
-    true end of the prompt, whatever the padding token is.
-    """
-    if hidden_states.ndim != 3 or input_ids.shape != hidden_states.shape[:2]:
-        raise ValueError(
-            f"Expected hidden states [B, L, D] and token ids [B, L], got {tuple(hidden_states.shape)} and "
-            f"{tuple(input_ids.shape)}."
-        )
-    is_eos = input_ids == eos_token_id
-    missing = (~is_eos.any(dim=1)).nonzero().flatten().tolist()
-    if missing:
-        raise ValueError(
-            f"Rows {missing} contain no end-of-text token (id {eos_token_id}); tokenize with the model's tokenizer "
-            "and shorten prompts that are truncated before the end-of-text token."
-        )
-    position = is_eos.int().argmax(dim=1)  # argmax returns the first maximum: the first EOS
-    rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-    return hidden_states[rows, position.to(hidden_states.device)]
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

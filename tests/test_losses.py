@@ -1,4 +1,4 @@
-"""Stage Two losses: masked diffusion loss, timestep/noise sampling, EOS pooling, triplets and the
+"""Stage Two losses: masked diffusion loss, timestep/noise sampling, triplets and the
 Sinkhorn attention alignment (checked against an exact transport LP)."""
 from __future__ import annotations
 
@@ -21,11 +21,9 @@ from ice_ops.losses import (
     diffusion_target,
     grid_cost,
     intrinsic_triplet,
-    mask_to_latent,
     masked_diffusion_loss,
     object_instance_triplet,
     offset_noise,
-    pooled_at_eos,
     sample_timesteps,
     sinkhorn_distance,
     sinkhorn_potentials,
@@ -407,41 +405,6 @@ def test_intrinsic_triplet_term_definition():
 
 
 # ------------------------------------------------------------------------------------------------
-# pooled embeddings
-# ------------------------------------------------------------------------------------------------
-
-
-def test_pooled_at_eos_reads_first_eos_with_added_tokens():
-    from ice_ops.text import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(pad_token="!")  # SD 2.x padding: id 0 after the EOS
-    tokenizer.add_tokens(["<ice-object-0>"])
-    ids = tokenizer(["<ice-object-0>", "a <ice-object-0> cup"], padding="max_length", max_length=12,
-                    return_tensors="pt").input_ids
-    added_id = tokenizer.convert_tokens_to_ids("<ice-object-0>")
-    assert added_id > tokenizer.eos_token_id  # the legacy argmax would land on the added token
-    hidden = torch.arange(2 * 12, dtype=torch.float32).reshape(2, 12, 1).expand(2, 12, 3)
-    pooled = pooled_at_eos(hidden, ids, tokenizer.eos_token_id)
-    first_eos = [row.index(tokenizer.eos_token_id) for row in ids.tolist()]
-    assert first_eos == [2, 4]
-    assert pooled[:, 0].tolist() == [2.0, 12.0 + 4.0]
-    legacy = ids.argmax(dim=1).tolist()
-    assert legacy == [1, 2] and legacy != first_eos
-
-
-def test_pooled_at_eos_with_eos_padding_takes_first():
-    ids = torch.tensor([[49406, 320, 49407, 49407, 49407]])
-    hidden = torch.randn(1, 5, 4)
-    assert torch.equal(pooled_at_eos(hidden, ids, 49407), hidden[0, 2][None])
-
-
-def test_pooled_at_eos_without_eos_raises():
-    ids = torch.tensor([[49406, 320, 49407], [49406, 320, 321]])
-    with pytest.raises(ValueError, match="Rows \\[1\\]"):
-        pooled_at_eos(torch.randn(2, 3, 4), ids, 49407)
-
-
-# ------------------------------------------------------------------------------------------------
 # diffusion loss, timesteps and noise
 # ------------------------------------------------------------------------------------------------
 
@@ -488,22 +451,8 @@ def test_masked_loss_empty_mask_is_finite():
 
 
 def test_masked_loss_rejects_mask_at_image_size():
-    with pytest.raises(ValueError, match="mask_to_latent"):
+    with pytest.raises(ValueError, match="resize_soft_mask"):
         masked_diffusion_loss(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.ones(1, 1, 64, 64))
-
-
-def test_mask_to_latent_keeps_thin_structures():
-    mask = torch.zeros(64, 64)
-    mask[:, 13] = 1.0  # a one-pixel line that nearest sampling on an 8x8 grid misses
-    latent = mask_to_latent(mask, (8, 8))
-    assert latent.shape == (1, 1, 8, 8)
-    assert latent.mean().item() == pytest.approx(mask.mean().item())
-    assert torch.allclose(latent[0, 0, :, 1], torch.full((8,), 1 / 8))
-    assert F.interpolate(mask[None, None], size=(8, 8), mode="nearest").sum() == 0
-    batch = mask_to_latent(torch.stack([mask, 1 - mask])[:, None], (16, 8))
-    assert batch.shape == (2, 1, 16, 8)
-    with pytest.raises(ValueError):
-        mask_to_latent(torch.zeros(1, 3, 8, 8), (4, 4))
 
 
 def test_diffusion_target_epsilon_and_velocity():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ice_ops.text import build_clip_tokenizer, word_pieces
-from ice_ops.tokens import PlaceholderText, placeholder_string
+from ice_ops.tokens import PlaceholderText, first_end_of_text, placeholder_string
 
 SINGLE_PIECE_WORD = "cup"
 MULTI_PIECE_WORD = "teapotsaurus"
@@ -129,6 +129,27 @@ def test_pooled_output_is_read_at_the_first_end_of_text(text):
         placeholder_position = ids[row].tolist().index(token)
         assert int(ids[row].argmax()) == placeholder_position  # where the legacy argmax pooling would read
         assert not torch.allclose(pooled[row], hidden[row, placeholder_position])
+
+
+def test_pooled_output_of_sd2_padding_is_read_at_the_end_of_the_prompt(tiny_bundle):
+    tokenizer = build_clip_tokenizer(pad_token="!")  # SD 2.x pads with id 0 after the end-of-text token
+    text = PlaceholderText(tokenizer, tiny_bundle.text_encoder)
+    name = placeholder_string("thing", "object")
+    text.add(name, torch.randn(text.width, generator=torch.Generator().manual_seed(0)))
+    ids = text.tokenize([name, f"a {name} cup"])
+    with torch.no_grad():
+        hidden, pooled = text.encode(ids)
+    ends = [row.index(tokenizer.eos_token_id) for row in ids.tolist()]
+    assert ends == [2, 4]  # start, (a,) placeholder, (cup,) end: nothing after the prompt is read
+    assert torch.equal(pooled, hidden[torch.arange(2), torch.tensor(ends)])
+
+
+def test_first_end_of_text_skips_padding_and_refuses_rows_without_one():
+    eos = 7
+    ids = torch.tensor([[1, 5, eos, eos, eos], [1, eos, 0, 0, 0], [1, 9, 9, 9, eos]])
+    assert first_end_of_text(ids, eos).tolist() == [2, 1, 4]
+    with pytest.raises(ValueError, match="end-of-text"):
+        first_end_of_text(torch.tensor([[1, 5, eos], [1, 5, 6]]), eos)
 
 
 def test_multi_piece_word_init_is_the_mean_of_its_pieces(text):
