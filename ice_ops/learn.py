@@ -111,10 +111,9 @@ def learn_object_tokens(
             word_pooled[index : index + 1], pooled[0:1], pooled[1:2], margin=triplet_margin
         )
 
-    vectors = _train(
-        bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
-        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=attention_weight, monitor=monitor,
-    )
+    objective = _Objective(text, trainable, prompt_tokens, regulariser, attention_weight)
+    vectors = _train(bundle, image, concepts, objective, steps=steps, lr=lr, seed=seed, callback=callback,
+                     monitor=monitor)
     settings = dict(concepts.settings, object_steps=steps, object_lr=lr, seed=seed, triplet_margin=triplet_margin)
     return _with_vectors(_without_tokens(concepts), vectors, bundle, settings=settings, anchors=())
 
@@ -180,24 +179,14 @@ def learn_intrinsic_tokens(
         )
 
     total = steps + refine_steps
-    vectors = _train(
-        bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
-        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=attention_weight, monitor=monitor,
-        progress_total=total,
-    )
+    objective = _Objective(text, trainable, prompt_tokens, regulariser, attention_weight)
+    vectors = _train(bundle, image, concepts, objective, steps=steps, lr=lr, seed=seed, callback=callback,
+                     monitor=monitor, progress_total=total)
     lora = None
     if refine_steps:
-        for name, vector in vectors.items():
-            text.set_vector(name, vector)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        lora = trainable_lora(init_lora(bundle.unet, refine_rank, generator=generator), bundle.device)
-        vectors = _train(
-            bundle, image, concepts, text, trainable, prompt_tokens, regulariser,
-            steps=refine_steps, lr=REFINE_TOKEN_LR, seed=seed + 1, callback=callback,
-            attention_weight=attention_weight, monitor=monitor, lora=lora, lora_lr=refine_lr,
-            progress_offset=steps, progress_total=total,
-        )
-        lora = {key: value.detach().cpu().clone() for key, value in lora.items()}
+        vectors, lora = _refine_with_lora(bundle, image, concepts, objective, vectors, steps=refine_steps,
+                                          rank=refine_rank, lr=refine_lr, seed=seed, callback=callback,
+                                          monitor=monitor, progress_offset=steps, progress_total=total)
     settings = dict(concepts.settings, intrinsic_steps=steps, intrinsic_lr=lr, intrinsic_seed=seed,
                     refine_steps=refine_steps, refine_lr=refine_lr if refine_steps else None)
     result = _with_vectors(concepts, vectors, bundle, settings=settings, anchors=anchors)
@@ -225,12 +214,14 @@ def learn_textual_inversion(
     image, text = _start_from_words(bundle, image, concepts, steps, lr, (OBJECT_ROLE,), relearn)
     trainable = [placeholder_string(c.name, OBJECT_ROLE) for c in concepts.concepts]
     no_regulariser = torch.zeros((), device=bundle.device)
-    vectors = _train(
-        bundle, image, concepts, text, trainable,
-        lambda index: [placeholder_string(concepts.concepts[index].name, OBJECT_ROLE)],
-        lambda index: no_regulariser,
-        steps=steps, lr=lr, seed=seed, callback=callback, attention_weight=0.0, monitor=monitor,
+    objective = _Objective(
+        text, trainable,
+        prompt_tokens=lambda index: [placeholder_string(concepts.concepts[index].name, OBJECT_ROLE)],
+        regulariser=lambda index: no_regulariser,
+        attention_weight=0.0,
     )
+    vectors = _train(bundle, image, concepts, objective, steps=steps, lr=lr, seed=seed, callback=callback,
+                     monitor=monitor)
     settings = dict(concepts.settings, textual_inversion_steps=steps, textual_inversion_lr=lr, seed=seed)
     return _with_vectors(_without_tokens(concepts), vectors, bundle, settings=settings, anchors=())
 
@@ -299,9 +290,39 @@ def _start_from_words(bundle, image, concepts: ConceptSet, steps: int, lr: float
 
 
 # ---------------------------------------------------------------------- training loop
-def _train(bundle, image, concepts, text, trainable, prompt_tokens, regulariser, *, steps, lr, seed, callback,
-           attention_weight, monitor=None, lora=None, lora_lr=None, progress_offset=0,
-           progress_total=None) -> dict[str, torch.Tensor]:
+@dataclass
+class _Objective:
+    """What a learning phase optimises: the placeholder ``text`` and which of its tokens are ``trainable``;
+    for the concept drawn at a step (its index), the tokens its prompt holds and its regularising loss; and
+    the weight of the attention-alignment loss."""
+
+    text: PlaceholderText
+    trainable: list[str]
+    prompt_tokens: Callable[[int], list[str]]
+    regulariser: Callable[[int], torch.Tensor]
+    attention_weight: float
+
+
+def _refine_with_lora(bundle, image, concepts, objective: _Objective, vectors, *, steps, rank, lr, seed, callback,
+                      monitor, progress_offset, progress_total):
+    """The optional refinement after phase two: a LoRA on the UNet's attention, trained with the intrinsic
+    tokens (at the reference's small token rate) from where phase two left them. Returns (vectors, LoRA
+    tensors on the CPU)."""
+    for name, vector in vectors.items():
+        objective.text.set_vector(name, vector)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    lora = trainable_lora(init_lora(bundle.unet, rank, generator=generator), bundle.device)
+    vectors = _train(bundle, image, concepts, objective, steps=steps, lr=REFINE_TOKEN_LR, seed=seed + 1,
+                     callback=callback, monitor=monitor, lora=lora, lora_lr=lr, progress_offset=progress_offset,
+                     progress_total=progress_total)
+    return vectors, {key: value.detach().cpu().clone() for key, value in lora.items()}
+
+
+def _train(bundle, image, concepts, objective: _Objective, *, steps, lr, seed, callback, monitor=None, lora=None,
+           lora_lr=None, progress_offset=0, progress_total=None) -> dict[str, torch.Tensor]:
+    text, trainable, prompt_tokens, regulariser = (objective.text, objective.trainable, objective.prompt_tokens,
+                                                   objective.regulariser)
+    attention_weight = objective.attention_weight
     device = bundle.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     scene = _prepare_scene(bundle, image, concepts)
