@@ -82,9 +82,44 @@ def test_every_word_is_one_clip_token(tokenizer):
         assert len(word_pieces(tokenizer, word)) == 1, word
 
 
-def test_training_and_held_out_seeds_are_disjoint():
-    assert sc.held_out_seed(0, 0) >= sc.HELD_OUT_SEED_OFFSET
-    assert sc.held_out_seed(49, 7) != sc.held_out_seed(49, 8)
+EVALUATION_SEEDS = (0, 1, 83_333, 10**6)  # --seed of the evaluation; 83 333 is where 8000-scene training seeds used to reach
+EVALUATED_SCENES = 20
+
+
+def _evaluated_scene_seeds(monkeypatch, seed: int) -> list[int]:
+    """The scene seeds ``evaluate --seed SEED`` scores, read from the scenes it hands to the scorer."""
+    from types import SimpleNamespace
+
+    from ice_ops.toyworld import evaluate as ev
+
+    seen = []
+
+    def score_scene(bundle, retriever, scene, **kwargs):
+        seen.append(scene.seed)
+        return ev.SceneScore([1.0], [True], True), {}
+
+    monkeypatch.setattr(ev, "score_scene", score_scene)
+    ev.evaluate(SimpleNamespace(device="cpu"), None, scenes=EVALUATED_SCENES, seed=seed, learn_steps=0)
+    return seen
+
+
+def test_evaluated_scenes_are_never_training_or_validation_scenes(monkeypatch):
+    from devtools.toyworld import train
+
+    plan = train.Plan()
+    last_accepted = sc.VALIDATION_SEED_OFFSET // plan.scenes - 1  # the largest --seed the trainer takes
+    highest_training_seed = train.training_first_seed(train.Plan(seed=last_accepted, scenes=plan.scenes)) + plan.scenes - 1
+    with pytest.raises(ValueError, match="smaller --seed"):
+        train.training_first_seed(train.Plan(seed=last_accepted + 1, scenes=plan.scenes))
+    highest_validation_seed = sc.validation_seed(sc.HELD_OUT_SEED_OFFSET - sc.VALIDATION_SEED_OFFSET - 1)
+    with pytest.raises(ValueError, match="validation range"):
+        sc.validation_seed(sc.HELD_OUT_SEED_OFFSET - sc.VALIDATION_SEED_OFFSET)
+    runs = {seed: _evaluated_scene_seeds(monkeypatch, seed) for seed in EVALUATION_SEEDS}
+    for seed, seeds in runs.items():
+        assert len(set(seeds)) == EVALUATED_SCENES, seed  # every scored scene is another scene
+        assert min(seeds) > max(highest_training_seed, highest_validation_seed), seed
+    everything = [s for seeds in runs.values() for s in seeds]
+    assert len(set(everything)) == len(everything)  # another --seed scores other scenes
 
 
 @pytest.mark.parametrize("read", ["mask", "whole image"])
@@ -181,7 +216,7 @@ def test_oracle_concepts_carry_the_true_words_and_masks():
 
 # ------------------------------------------------------------------------------------------ training
 def test_open_clip_text_tower_converts_to_an_equal_clip_text_model():
-    from ice_ops.toyworld import train
+    from devtools.toyworld import train
 
     torch.manual_seed(0)
     model = train.build_clip().eval()
@@ -214,10 +249,8 @@ MAX_SHIPPED_BYTES = 50 * 1024 * 1024  # the issue's budget for the shipped weigh
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    from ice_ops.toyworld import embedded_bundle, embedded_retriever
-
-    return embedded_bundle(), embedded_retriever()
+def embedded(toyworld_model):
+    return toyworld_model
 
 
 @needs_weights
