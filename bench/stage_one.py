@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ice_ops.localization import localize
-    from ice_ops.random_models import build_random_bundle
+    from devtools.random_models import build_random_bundle
     from ice_ops.retrieve import ClipRetriever
 
     device = pick_device(args.device)

@@ -30,8 +30,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from ice_ops.concepts import Concept, ConceptSet
-    from ice_ops.learn import _autocast, learn_object_tokens
-    from ice_ops.random_models import build_random_bundle
+    from ice_ops.learn import learn_object_tokens, training_autocast
+    from devtools.random_models import build_random_bundle
 
     device = pick_device(args.device)
     kind = args.model if args.full else "tiny"
@@ -46,7 +46,7 @@ def main() -> None:
     # Bare UNet step at the same precision (autocast on GPU, fp32 on CPU).
     latent = bundle.encode_image(image, (size, size))
     context = bundle.encode_prompt(["a photo of a ball"])
-    autocast = _autocast(bundle)
+    autocast = training_autocast(bundle)
     bare_unet_step(bundle, latent, context, autocast)  # warm-up
     reset_peak(device)
     with Timer(device) as bare:

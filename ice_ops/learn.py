@@ -335,7 +335,7 @@ def _train(bundle, image, concepts, objective: _Objective, *, steps, lr, seed, c
         parameters = parameters + lora_parameters
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
     progress_total = progress_total or steps
-    autocast = _autocast(bundle)
+    autocast = training_autocast(bundle)
     last_good = {name: text.vector(name).detach().clone() for name in text.names}
 
     for step in range(steps):
@@ -460,7 +460,9 @@ def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator).to(like.device, like.dtype)
 
 
-def _autocast(bundle):
+def training_autocast(bundle):
+    """The precision learning runs the frozen models in: bf16 autocast on GPUs that support it, fp16 on other
+    GPUs, none on the CPU (benchmarks time a bare UNet step under the same context)."""
     if bundle.device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)

@@ -1,4 +1,4 @@
-"""DiffusionBundle loading and the original-layout (single-file) writer in ice_ops.ldm_layout.
+"""DiffusionBundle loading and the original-layout (single-file) writer in devtools.ldm_layout.
 
 Single files are verified by round trip: a tiny model is written with ``save_single_file`` and read back
 with diffusers' own LDM -> diffusers converters (inside ``DiffusionBundle.from_single_file``); every weight
@@ -27,7 +27,7 @@ from ice_ops.bundle import (
     detect_family,
     detect_prediction_type,
 )
-from ice_ops.ldm_layout import (
+from devtools.ldm_layout import (
     LDM_SD1_TEXT_PREFIX,
     LDM_SD2_TEXT_PREFIX,
     LDM_V_PREDICTION_KEY,
@@ -491,7 +491,7 @@ def test_sizes_of_the_shipped_configs(family, text_width, meta_models):
 def test_importing_the_engine_loads_no_comfyui_module():
     forbidden_top = ("folder_paths", "nodes", "server")
     code = (
-        "import sys, ice_ops, ice_ops.bundle, ice_ops.ldm_layout\n"
+        "import sys, ice_ops, ice_ops.bundle\n"
         "ice_ops.DiffusionBundle\n"
         f"bad = sorted(m for m in sys.modules if m.startswith('comfy') or m.split('.')[0] in {forbidden_top!r})\n"
         "print(','.join(bad))\n"

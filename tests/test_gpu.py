@@ -13,7 +13,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
 def full_bundle(request):
-    from ice_ops.random_models import build_random_bundle
+    from devtools.random_models import build_random_bundle
 
     return build_random_bundle(request.param, device="cuda")
 

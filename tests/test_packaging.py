@@ -77,3 +77,16 @@ def test_the_readme_names_the_oldest_versions_that_ci_tests():
     for library in ("transformers", "diffusers", "open_clip_torch"):
         assert f"{library} {floors[library]}" in " ".join(tested.split()), library
     assert "python .ci/oldest_versions.py" in _read(".ci/run")
+
+
+def test_what_ships_never_imports_the_build_tools():
+    """ice_ops and nodes run for users; devtools (random models, the Toy World trainer) only builds and tests."""
+    import tomllib
+
+    for package in ("ice_ops", "nodes"):
+        for folder, _, names in os.walk(os.path.join(ROOT, package)):
+            for name in (n for n in names if n.endswith(".py")):
+                source = _read(os.path.relpath(os.path.join(folder, name), ROOT))
+                assert not re.search(r"^\s*(from|import)\s+devtools\b", source, re.M), os.path.join(folder, name)
+    packages = tomllib.loads(_read("pyproject.toml"))["tool"]["setuptools"]["packages"]
+    assert not any(p.startswith("devtools") for p in packages)

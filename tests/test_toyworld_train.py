@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ice_ops.toyworld import supervision as sv
-from ice_ops.toyworld import train
+from devtools.toyworld import supervision as sv
+from devtools.toyworld import train
 
 
 def test_trainer_runs_every_stage_and_writes_a_model_that_loads(tmp_path):
@@ -130,7 +130,7 @@ def test_self_attention_loss_rewards_staying_inside_the_own_region():
 
 
 def test_calibration_picks_the_mask_threshold_by_miou_then_the_stop_rule_by_count(monkeypatch):
-    from ice_ops.toyworld import calibrate
+    from devtools.toyworld import calibrate
 
     def figures(bundle, retriever, scenes, overrides):
         fraction = overrides["attention_fraction"]

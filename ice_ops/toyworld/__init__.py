@@ -19,7 +19,7 @@ SYNONYM_THRESHOLD = 1.0
 # Stage One on this model thresholds the noun's cross-attention: its self-attention was taught to stay within
 # objects, but DiffSeg's labelling of the segments still misses the nouns (docs/DECISIONS.md, Toy World).
 SEGMENTATION = "cross-attention"
-# Stop rule of cross-attention mode, chosen by `python -m ice_ops.toyworld.calibrate` on 64 validation scenes
+# Stop rule of cross-attention mode, chosen by `python -m devtools.toyworld.calibrate` on 64 validation scenes
 # (never on the reported ones): stop when the next word attends less than 4x more to its mask than elsewhere.
 MIN_CONTRAST = 4.0
 
@@ -42,7 +42,7 @@ def _require_weights() -> None:
     if not embedded_weights_present():
         raise ValueError(
             f"The Toy World weights are missing from {WEIGHTS_DIR}; reinstall the package, or train them with "
-            f"`python -m ice_ops.toyworld.train --out DIR` and copy DIR's contents there."
+            f"`python -m devtools.toyworld.train --out DIR` and copy DIR's contents there."
         )
 
 

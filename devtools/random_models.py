@@ -10,8 +10,8 @@ import os
 
 import torch
 
-from .bundle import DiffusionBundle, read_config, save_text_encoder, scheduler_config, write_model_index
-from .text import END_OF_TEXT, build_clip_tokenizer
+from ice_ops.bundle import DiffusionBundle, read_config, save_text_encoder, scheduler_config, write_model_index
+from ice_ops.text import END_OF_TEXT, build_clip_tokenizer
 
 TINY_TEXT_WIDTH = 32
 TINY_UNET = {

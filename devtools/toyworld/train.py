@@ -1,6 +1,6 @@
 """Train the Toy World models in Stable Diffusion's order: CLIP, then the VAE, then the UNet.
 
-``python -m ice_ops.toyworld.train --out DIR --device cpu|cuda`` writes ``DIR/diffusers`` (a diffusers
+``python -m devtools.toyworld.train --out DIR --device cpu|cuda`` writes ``DIR/diffusers`` (a diffusers
 Stable Diffusion folder that ``DiffusionBundle.from_pretrained`` loads), ``DIR/open_clip_config.json`` +
 ``DIR/open_clip.safetensors`` (``ClipRetriever.from_pretrained`` loads them) and ``DIR/MODEL_CARD.md``.
 
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import write_bytes_atomic
-from ..text import build_clip_tokenizer
-from .scenes import (
+from ice_ops.files import write_bytes_atomic
+from ice_ops.text import build_clip_tokenizer
+from ice_ops.toyworld.scenes import (
     COLOURS, HELD_OUT_SEED_OFFSET, MATERIALS, MAX_OBJECTS, SHAPES, VALIDATION_SEED_OFFSET, make_scene, validation_seed,
 )
 from .supervision import (
@@ -101,7 +101,7 @@ class Plan:
     unet_minutes: float = 45.0
     unet_batch: int = 32
     unet_lr: float = 3e-4
-    # Attention supervision on the training scenes (ice_ops.toyworld.supervision); 0 turns a term off.
+    # Attention supervision on the training scenes (devtools.toyworld.supervision); 0 turns a term off.
     cross_attention_weight: float = 1.0
     self_attention_weight: float = 0.3
     # Every probe_every UNet steps the pointing probe runs on probe_scenes validation scenes; the best
@@ -490,7 +490,7 @@ def validation_scenes(count: int) -> list:
 
 def probe_unet(unet, job: UnetTraining, scenes: list) -> dict:
     """The attention probe on ``unet`` as Stage One would use it (plain attention, eval mode)."""
-    from ..bundle import DiffusionBundle
+    from ice_ops.bundle import DiffusionBundle
 
     remove_supervision(unet)
     bundle = DiffusionBundle.from_components(unet, job.vae, job.text_encoder, job.tokenizer, device=job.device)
@@ -509,7 +509,7 @@ def train_unet(job: UnetTraining, plan: Plan, unet=None):
     supervision; returns the best checkpoint by the probe, its metrics and the probe's curve."""
     from diffusers import DDPMScheduler
 
-    from ..bundle import scheduler_config
+    from ice_ops.bundle import scheduler_config
 
     device, data = job.device, job.data
     torch.manual_seed(plan.seed + 2)
@@ -597,7 +597,7 @@ def write_outputs(out: str, clip_model, text_encoder, vae, unet, tokenizer, metr
                   plan: Plan, argv: list[str]) -> None:
     from diffusers import DDPMScheduler
 
-    from ..bundle import save_text_encoder, scheduler_config, write_model_index
+    from ice_ops.bundle import save_text_encoder, scheduler_config, write_model_index
 
     folder = os.path.join(out, "diffusers")
     for name, module in (("unet", unet), ("vae", vae)):
@@ -618,7 +618,7 @@ def write_tokenizer(folder: str, tokenizer) -> None:
     transformers 4.x and 5.x both read, 1.5 MB smaller than a ``tokenizer.json`` (docs/DECISIONS.md)."""
     import shutil
 
-    from ..text import _clip_vocabulary_files
+    from ice_ops.text import _clip_vocabulary_files
 
     os.makedirs(folder, exist_ok=True)
     for source in _clip_vocabulary_files():
@@ -654,7 +654,7 @@ def model_card(metrics: dict, curve: list[dict], plan: Plan, argv: list[str]) ->
         "named by --clip-from, --vae-from and --unet-from in the command are starting points trained earlier by "
         "this script; without them every model starts from random weights.",
         "",
-        f"Command: `python -m ice_ops.toyworld.train {' '.join(argv)}`",
+        f"Command: `python -m devtools.toyworld.train {' '.join(argv)}`",
         f"Seed: {plan.seed}. Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs,"
         f" torch {torch.__version__}, device {metrics.get('device')}.",
         f"Wall time: {metrics.get('total_seconds')} s.",
@@ -690,7 +690,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
-    parser = argparse.ArgumentParser(prog="python -m ice_ops.toyworld.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.toyworld.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (must not exist yet)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--clip-from", default=None,

@@ -206,7 +206,7 @@ def phrase_caption(objects: list[tuple[int, tuple[str, str, str]]], *, photo: bo
 
 def stage_one_caption(region: int, shape: str) -> Caption:
     """Stage One's segmentation prompt ``"<shape> things background"`` (ice_ops.localization)."""
-    from ..localization import PROMPT_FILLERS
+    from ice_ops.localization import PROMPT_FILLERS
 
     return Caption((shape, *PROMPT_FILLERS), (region, None, BACKGROUND_REGION))
 
@@ -219,7 +219,7 @@ def attention_probe(bundle, scenes, segmentations: tuple[str, ...] = ("cross-att
     ``pointing``: share of objects whose noun's aggregated cross-attention peaks inside the object.
     ``iou_<segmentation>``: mean IoU of Stage One's word mask (``segment_word``) with the true mask.
     """
-    from ..localization import word_attention_map, segment_word
+    from ice_ops.localization import word_attention_map, segment_word
 
     pointing, ious = [], {s: [] for s in segmentations}
     for scene in scenes:

@@ -1,6 +1,6 @@
 """Choose the Toy World model's Stage One stop rule on validation scenes, never on the reported ones.
 
-``python -m ice_ops.toyworld.calibrate [--model DIR] [--scenes 100]`` runs Stage One on validation scenes
+``python -m devtools.toyworld.calibrate [--model DIR] [--scenes 100]`` runs Stage One on validation scenes
 (seeds from :data:`~ice_ops.toyworld.scenes.VALIDATION_SEED_OFFSET`, which neither training nor the
 evaluation uses) once per candidate threshold of each stop rule of :func:`ice_ops.localization.localize`
 (``min_contrast``, ``min_score``) and of the cross-attention mask threshold (``attention_fraction``), prints
@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
-from .evaluate import load_models, score_scene, summarise
-from .scenes import make_scene, validation_seed
+from ice_ops.toyworld.evaluate import load_models, score_scene, summarise
+from ice_ops.toyworld.scenes import make_scene, validation_seed
 
 ATTENTION_FRACTIONS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 STOP_RULES = {
@@ -63,7 +63,7 @@ def calibrate(bundle, retriever, scenes, report=lambda row: None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ice_ops.toyworld.calibrate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.toyworld.calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a training output folder (default: the embedded model)")
     parser.add_argument("--scenes", type=int, default=100, help="validation scenes (default 100)")
     parser.add_argument("--device", default="cpu")

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .bundle import LDM_UNET_PREFIX, LDM_VAE_PREFIX
-from .files import write_atomic
+from ice_ops.bundle import LDM_UNET_PREFIX, LDM_VAE_PREFIX
+from ice_ops.files import write_atomic
 
 LDM_SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 LDM_SD2_TEXT_PREFIX = "cond_stage_model.model."
