@@ -316,15 +316,14 @@ def test_template_browser_shows_the_titles_and_thumbnails_and_opens_a_workflow(p
         assert os.path.isfile(thumbnail), f"{thumbnail} missing: run this tier with ICE_WRITE_SCREENSHOTS=1"
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text(PACK_DIR_NAME, exact=True).first.click()
-    for title in make_workflows.TEMPLATE_TITLES.values():
+    for title in [*make_workflows.TEMPLATE_TITLES.values(), make_workflows.ui_file_name(TOYWORLD)]:
         card = page.locator(f'[data-testid="template-workflow-{title}"]')
-        card.wait_for(timeout=PICTURE_TIMEOUT_MS)
+        card.scroll_into_view_if_needed(timeout=PICTURE_TIMEOUT_MS)
         assert card.get_by_role("heading").inner_text().strip() == title
-        card.locator("img").first.scroll_into_view_if_needed()
-        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0",
-                               arg=card.locator("img").first.element_handle(), timeout=PICTURE_TIMEOUT_MS)
-    first = make_workflows.ui_file_name(next(iter(make_workflows.TEMPLATE_TITLES)))
-    page.locator(f'[data-testid="template-workflow-{first}"]').scroll_into_view_if_needed()
+        thumbnail = card.locator("img").first
+        thumbnail.wait_for(state="visible", timeout=PICTURE_TIMEOUT_MS)  # shown once loaded, without error
+        assert thumbnail.evaluate("(img) => img.naturalWidth") > 0, f"{title}: no thumbnail"
+    page.wait_for_timeout(SETTLE_MS)
     page.screenshot(path=os.path.join(shots, "template_browser.png"))
     page.locator(f'[data-testid="template-workflow-{make_workflows.ui_file_name(TOYWORLD)}"]').click()
     expected = len(load_json(TOYWORLD)["nodes"])
