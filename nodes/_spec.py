@@ -568,6 +568,12 @@ STOCK_NODES: dict[str, NodeSpec] = {
             ),
             (OutputSpec("MODEL", "MODEL"), OutputSpec("CLIP", "CLIP")),
         ),
+        NodeSpec(
+            "ImageScaleBy", "Upscale Image By", "image/upscaling", "",
+            (InputSpec("image", "IMAGE", ""), InputSpec("upscale_method", "COMBO", ""),
+             InputSpec("scale_by", "FLOAT", "")),
+            (OutputSpec("IMAGE", "IMAGE"),),
+        ),
     )
 }
 # UI-format widgets that store one extra value after their own

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._spec import (
-    BUILTIN_VOCABULARY, STOCK_NODES, TOYWORLD_MODEL, InputSpec, NodeSpec, OutputSpec, node_spec, widget_value_count,
+    BUILTIN_VOCABULARY, TOYWORLD_MODEL, NodeSpec, node_spec, widget_value_count,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +38,14 @@ WORKFLOW_NAMESPACE = uuid.UUID("6f1d5e2a-2f43-4c1e-9a53-0c1ce0000000")  # fixed:
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 IMAGE = "example.png"
 RETRIEVER_WEIGHTS = "clip_vit_l14_openai.safetensors"
+# Where the files above come from (README, Models) and the ComfyUI model folder each belongs in: the frontend
+# shows them in its missing-models dialog when a workflow opens without them. The pack itself downloads nothing.
+MODEL_FILES = (
+    {"node": "CheckpointLoaderSimple", "widget": "ckpt_name", "name": CHECKPOINT, "directory": "checkpoints",
+     "url": "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/" + CHECKPOINT},
+    {"node": "ICE_LoadCLIPRetriever", "widget": "weights", "name": RETRIEVER_WEIGHTS, "directory": "ice",
+     "url": "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/open_clip_model.safetensors"},
+)
 RETRIEVER_ARCHITECTURE = "ViT-L-14-quickgelu"
 CONCEPT_SET_NAME = "my_concepts"
 COMPOSE_PROMPT = "a photo of a [vase.object] made of [vase.material]"
@@ -95,24 +103,9 @@ VIEW_SCALE_DECIMALS = 2
 # Localize Concepts' live preview of the masks found so far.
 PICTURE_NODES = ("SaveImage", "PreviewImage", "LoadImage", "ICE_PreviewConcepts", "ICE_IterativeLocalize")
 
-# Stock ComfyUI nodes used here that nodes/_spec.py STOCK_NODES does not describe yet (ComfyUI 0.3.64 nodes.py).
-EXTRA_STOCK_NODES = {
-    spec.node_id: spec
-    for spec in (
-        NodeSpec(
-            "ImageScaleBy", "Upscale Image By", "image/upscaling", "",
-            (InputSpec("image", "IMAGE", ""), InputSpec("upscale_method", "COMBO", ""),
-             InputSpec("scale_by", "FLOAT", "")),
-            (OutputSpec("IMAGE", "IMAGE"),),
-        ),
-    )
-    if spec.node_id not in STOCK_NODES
-}
-
-
 def spec_of(node_type: str) -> NodeSpec:
-    """:func:`nodes._spec.node_spec`, or the description above of a stock node it does not know yet."""
-    return EXTRA_STOCK_NODES[node_type] if node_type in EXTRA_STOCK_NODES else node_spec(node_type)
+    """The description of a node in nodes/_spec.py (ICE nodes and the stock nodes the workflows use)."""
+    return node_spec(node_type)
 
 
 @dataclass
@@ -283,6 +276,17 @@ def initial_view(placed: dict[int, tuple[list[int], list[int]]]) -> dict:
     return {"scale": int(scale * step) / step, "offset": [0, 0]}
 
 
+def node_properties(step: "Step") -> dict:
+    """A UI node's properties; a loader of a model file the user must fetch also lists that file, so that the
+    frontend's missing-models dialog names it and its folder when the workflow opens without it."""
+    properties: dict[str, Any] = {"Node name for S&R": step.type}
+    models = [dict(model) for model in MODEL_FILES if step.widgets.get(model["widget"]) == model["name"]
+              and step.type == model["node"]]
+    if models:
+        properties["models"] = [{key: m[key] for key in ("name", "url", "directory")} for m in models]
+    return properties
+
+
 def ui_workflow(name: str, steps: list[Step]) -> dict:
     """UI format (what the ComfyUI frontend saves): nodes with slots and widgets_values, and a links table."""
     links, by_id = [], {step.id: step for step in steps}
@@ -319,7 +323,7 @@ def ui_workflow(name: str, steps: list[Step]) -> dict:
         nodes.append({
             "id": step.id, "type": step.type, "pos": placed[step.id][0], "size": placed[step.id][1],
             "flags": {}, "order": order, "mode": 0, "inputs": incoming[step.id], "outputs": outputs,
-            "properties": {"Node name for S&R": step.type}, "widgets_values": values,
+            "properties": node_properties(step), "widgets_values": values,
         })
     nodes.sort(key=lambda n: n["id"])
     return {

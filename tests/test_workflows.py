@@ -15,7 +15,7 @@ import pytest
 
 from nodes import make_workflows
 from nodes._spec import NODE_BY_ID, STOCK_NODES, widget_value_count
-from nodes.make_workflows import EXTRA_STOCK_NODES, TEMPLATE_TITLES, spec_of, ui_file_name
+from nodes.make_workflows import MODEL_FILES, TEMPLATE_TITLES, spec_of, ui_file_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_FOLDER = os.path.join(ROOT, "workflows")
@@ -105,7 +105,7 @@ def test_node_types_are_registered_ice_nodes_or_known_stock_nodes(name):
         if node["type"].startswith("ICE_"):
             assert node["type"] in NODE_BY_ID, f"{node['type']} is not a node this pack registers"
         else:
-            known = node["type"] in STOCK_NODES or node["type"] in EXTRA_STOCK_NODES
+            known = node["type"] in STOCK_NODES
             assert known, f"{node['type']} is not described in nodes/_spec.py STOCK_NODES"
         assert node.get("mode", 0) == 0, "example workflows should not ship muted or bypassed nodes"
 
@@ -237,3 +237,18 @@ def test_readme_pictures_exist_and_are_small():
         path = os.path.join(ROOT, picture)
         assert os.path.isfile(path), f"README shows {picture}, which does not exist"
         assert os.path.getsize(path) < MAX_THUMBNAIL_BYTES, f"{picture} is too large for a README"
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_model_file_a_user_must_fetch_is_named_with_its_folder_when_the_workflow_opens(name):
+    """The frontend's missing-models dialog lists a node's ``properties.models`` entries whose name is one of
+    the node's widget values, when they carry a url and the file is not in that folder."""
+    fetched = {(m["node"], m["name"]) for m in MODEL_FILES}
+    for node in load_ui(name)["nodes"]:
+        values = [v for v in node["widgets_values"] if isinstance(v, str)]
+        needed = [value for value in values if (node["type"], value) in fetched]
+        listed = node["properties"].get("models", [])
+        assert [m["name"] for m in listed] == needed, node["type"]
+        for model in listed:
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(".safetensors")
+            assert model["directory"] in ("checkpoints", "ice")
