@@ -2,11 +2,12 @@
 attention alignment by a converged entropic Wasserstein distance.
 
 Everything here is a small pure function of tensors; ``learn.py`` wires them into training steps.
-Deliberate differences from the reference code (ice_spec.md §4.2/§4.3) are documented where they happen:
-the masked loss is normalised by mask area (B16; ``learn.py`` area-averages the masks to the latent grid with
-``imaging.resize_soft_mask``); triplets use cosine distances so margins can switch off, and never divide
-by a count of active terms (B8, §2.7c); phase-two margins need no word lookup, so an object word equal to an
-anchor word just works (B17); Sinkhorn anneals epsilon and iterates to a marginal tolerance (B8, §2.7e).
+Deliberate differences from the reference code (docs/DECISIONS.md, Stage Two) are documented where they
+happen: the masked loss is normalised by mask area (``learn.py`` area-averages the masks to the latent grid
+with ``imaging.resize_soft_mask``); triplets use cosine distances so margins can switch off, and never divide
+by a count of active terms; phase-two margins need no word lookup, so an object word equal to an anchor word
+just works (the reference fails with a KeyError); Sinkhorn anneals epsilon and iterates to a marginal
+tolerance.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Reference constants (ice_spec.md §2.6, §2.10).
+# The reference's constants (its config.py and main_stage_two.py, lines as noted).
 NOISE_OFFSET = 0.1  # config.py:109, noise_offset
 TIMESTEP_T_DIST = 0.5  # config.py:110, t_dist of w(t) ∝ 1 - t_dist·cos(πt/T)
 ANCHOR_MARGIN_SCALE = 0.7  # main_stage_two.py:403-420, margin = 0.7 · (distance between the words)
@@ -80,7 +81,7 @@ def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: 
     """Squared error weighted by a soft latent mask ``[B or 1, 1, h, w]``, normalised by mask area per item.
 
     Each item's loss is ``sum(mask · (prediction - target)²) / (channels · sum(mask))``, so a small object
-    gets the same loss scale as a large one (the reference divides by the full latent size, B16); the batch
+    gets the same loss scale as a large one (the reference divides by the full latent size); the batch
     mean of those is returned. Computed in float32. An all-zero mask gives 0 with a zero gradient.
     """
     if prediction.shape != target.shape or prediction.ndim != 4:
@@ -102,7 +103,8 @@ def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: 
 
 
 def timestep_weights(num_train_timesteps: int, t_dist: float = TIMESTEP_T_DIST) -> torch.Tensor:
-    """Sampling probabilities of t = 0..T-1, proportional to ``1 - t_dist·cos(πt/T)`` (ice_spec.md §2.6.3).
+    """Sampling probabilities of t = 0..T-1, proportional to ``1 - t_dist·cos(πt/T)`` (the reference's
+    timestep density).
 
     With t_dist = 0.5 the density rises from 0.5/T to 1.5/T, so E[t] ≈ T(1/2 + 2·t_dist/π²) ≈ 0.6 T.
     """
@@ -126,7 +128,8 @@ def offset_noise(
     shape_like: torch.Tensor, offset: float = NOISE_OFFSET, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Gaussian noise shaped like latents ``[B, C, h, w]`` plus ``offset`` times a per-(item, channel)
-    constant Gaussian shift (ice_spec.md §2.6.2). Drawn on the generator's device, returned like the latents."""
+    constant Gaussian shift (the reference's offset noise). Drawn on the generator's device, returned like the
+    latents."""
     if shape_like.ndim != 4:
         raise ValueError(f"Expected latents shaped [B, C, h, w], got {tuple(shape_like.shape)}.")
     device = generator.device if generator is not None else shape_like.device
@@ -162,7 +165,7 @@ def object_instance_triplet(
     Inputs are pooled embeddings ``[B, D]`` or ``[D]``. The object token is kept near its word and the instance
     token pushed away; the hinge is exactly 0 (zero gradient) once the instance token is ``margin`` farther
     from the word than the object token. Unlike the reference there is no division by a count of active
-    terms (its 0/0, B8). At initialisation (all three equal) the loss is exactly ``margin``.
+    terms (the reference's 0/0). At initialisation (all three equal) the loss is exactly ``margin``.
     """
     if not (word.shape[-1] == object_token.shape[-1] == instance_token.shape[-1]):
         raise ValueError(
@@ -182,8 +185,8 @@ def anchor_margins(
 
     ``m[k, j] = scale · d(anchor_k, anchor_j)`` (zero diagonal) and, when an object embedding is given,
     ``m_obj[k] = scale · d(object_word, anchor_k)`` (else None). The reference uses 0.7 times an element-wise
-    squared difference (ice_spec.md §2.7d); this is the same idea as a cosine distance, and it is defined
-    for every pair of embeddings, so an object word equal to an anchor word just gives a zero margin (B17).
+    squared difference; this is the same idea as a cosine distance, and it is defined
+    for every pair of embeddings, so an object word equal to an anchor word just gives a zero margin.
     """
     anchors = anchor_embeddings.detach()
     if anchors.ndim != 2 or anchors.shape[0] < 1:
@@ -216,7 +219,7 @@ def intrinsic_triplet(
     - for every k: ``d(O, C) - d(O, T_k) + object_margins[k]`` with O the object word and C the object token
       (intrinsic tokens farther from the object word than the object token is).
     With K == 1 only the object term remains. The reference sums two separately averaged parts over kept
-    positive terms only; averaging all terms keeps the scale independent of K (B8).
+    positive terms only; averaging all terms keeps the scale independent of K.
     """
     if anchors.ndim != 2 or intrinsic.shape != anchors.shape:
         raise ValueError(
@@ -388,7 +391,8 @@ def sinkhorn_distance(
     """Entropic Wasserstein transport cost ``<P, C>`` ``[B]`` between distributions ``mu, nu [B, N]``.
 
     The plan is converged (see :func:`sinkhorn_potentials`), unlike the reference's fixed 200 iterations at
-    epsilon 1e-3 in pixel units, which stop far from the optimum (ice_spec.md §2.7e, A.1). The returned
+    epsilon 1e-3 in pixel units, which stop far from the optimum (docs/DECISIONS.md, Stage Two, Sinkhorn).
+    The returned
     value excludes the entropy term. Gradients w.r.t. mu and nu are the centred dual potentials (custom
     autograd; see ``_EntropicTransportCost``); ``cost`` is treated as a constant. Computed in at least
     float32 with autocast off. Warns (RuntimeWarning) if ``max_iterations`` ran out first.
@@ -419,7 +423,7 @@ def attention_alignment_loss(attention: torch.Tensor, mask: torch.Tensor) -> tor
 
     Both are normalised to distributions on the grid (cost in units of the grid side, :func:`grid_cost`).
     Items whose mask or attention has no mass contribute 0 with a zero, finite gradient (the reference
-    returns NaN for an empty mask, B16).
+    returns NaN for an empty mask).
     """
     if attention.ndim != 3 or mask.shape != attention.shape:
         raise ValueError(

@@ -1,16 +1,16 @@
 """Concept retriever for Stage One: rank a shipped noun vocabulary against the unexplained part of an image.
 
-The reference (spec §1.2) chains SpLiCE on OpenCLIP ViT-B-32 (sparse decomposition over 15000 LAION words,
+The reference chains SpLiCE on OpenCLIP ViT-B-32 (sparse decomposition over 15000 LAION words,
 downloaded at run time), an OpenCLIP ViT-H-14 re-ranking of the SpLiCE support and an nltk part-of-speech
 filter. We replace the chain by one CLIP ranking of a vocabulary that contains only nouns
 (``ice_ops/data/nouns.txt``): one model, no sklearn, no nltk, no download. Deliberate differences:
 
 - Candidates are the whole noun vocabulary rather than the SpLiCE support, so no noun filter is needed and
-  there is no "fewer than 5 candidates" crash (spec §4.2 B3).
+  there is no "fewer than 5 candidates" crash (the reference has one).
 - Words are encoded inside the prompt template :data:`DEFAULT_TEMPLATE` ("a photo of a {}.") instead of as
   raw words: prompt templates improve CLIP zero-shot ranking.
 - The near-synonym filter compares each candidate with *every* excluded word (all words found so far), not only
-  with the previous one (spec §4.3); the 0.85 cosine threshold is the reference's and stays configurable.
+  with the previous one; the 0.85 cosine threshold is the reference's and stays configurable.
 
 Weights are never downloaded: ``from_pretrained`` takes an open_clip architecture (a built-in name or the
 path of a model-config JSON) and a local ``.safetensors`` file.

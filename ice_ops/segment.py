@@ -30,7 +30,7 @@ DIFFSEG_ANCHORS_PER_SIDE = 16
 KMEANS_MAX_ITERATIONS = 300
 KMEANS_TOLERANCE = 1e-4
 # Floor applied to probabilities before taking logs in the KL, so zeros give a large finite divergence
-# instead of NaN/inf (the reference's fp16 KL underflows to log 0 = NaN, spec bug B19).
+# instead of NaN/inf (the reference's fp16 KL underflows to log 0 = NaN; docs/DECISIONS.md, Stage One).
 KL_PROBABILITY_FLOOR = 1e-12
 # ICE utils.py: connected components with area > 0.025 * 512^2 (2.5 % of the image) become instances.
 INSTANCE_MIN_FRACTION = 0.025
@@ -71,7 +71,7 @@ def aggregate_self_attention(self_maps: Mapping[Grid, torch.Tensor]) -> torch.Te
 
     Key dims are bilinearly upsampled to ``(H, W)`` and each map renormalised to sum 1; query dims are tiled by
     nearest repetition; grids are weighted in proportion to their resolution, ``r = (h + w) / sum(h + w)``
-    (the reference's ``s / sum(s)`` for square grids, spec §1.3.3). Every row is a distribution.
+    (the reference's ``s / sum(s)`` for square grids). Every row is a distribution.
     """
     _check_grid_maps(self_maps, columns_equal_rows=True)
     height, width = largest_grid(self_maps)
@@ -90,7 +90,8 @@ def aggregate_self_attention(self_maps: Mapping[Grid, torch.Tensor]) -> torch.Te
 
 def aggregate_cross_attention(cross_maps: Mapping[Grid, torch.Tensor], out_size: Grid) -> torch.Tensor:
     """``{(h, w): [h*w, P]}`` cross-attention of one batch item -> ``[out_h, out_w, P]`` float32: each grid
-    bilinearly upsampled to ``out_size`` and summed with weight 1 (spec §1.3.5).
+    bilinearly upsampled to ``out_size`` and summed with weight 1 (docs/DECISIONS.md, Stage One: layer
+    weights).
 
     The reference also divides every pixel by its sum over all 77 tokens; the captured columns come from a
     softmax over all tokens and bilinear weights sum to 1, so that sum is 1 and the division is omitted.
@@ -195,7 +196,7 @@ def merge_greedy(maps: torch.Tensor, threshold: float) -> torch.Tensor:
 def merge_by_kl(
     agg: torch.Tensor, anchors: torch.Tensor, thresholds: Sequence[float] = DIFFSEG_KL_THRESHOLDS
 ) -> torch.Tensor:
-    """DiffSeg merging (spec §1.3.4): iteration 0 merges every query into the anchors (``anchors``: row
+    """DiffSeg merging: iteration 0 merges every query into the anchors (``anchors``: row
     indices of ``agg``, see :func:`anchor_indices`) with ``thresholds[0]``, then one greedy iteration per
     further threshold. Returns ``[K, H*W]`` merged maps."""
     values = _check_thresholds(thresholds)
