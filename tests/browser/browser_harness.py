@@ -27,6 +27,9 @@ SETTINGS = {
 BADGE_HEIGHT = 20  # the pack badge above an ICE node's title bar (nodes/make_workflows.py BADGE_HEIGHT)
 CLIP_PADDING = 16  # px around the graph in a thumbnail
 MISSING_NODES_TITLE = "Some Nodes Are Missing"  # the frontend's missing-node dialog (locale en)
+MISSING_MODELS_MESSAGE = "the following models were not found"  # its missing-models dialog (locale en)
+DIALOG = ".p-dialog"
+MAX_DIALOGS = 4  # dialogs the frontend may stack on one load (missing nodes, missing models, ...)
 RUN_LABEL = "Run"
 CANCEL_LABEL = "Cancel current run"  # aria-label of the Cancel (interrupt) button next to Run
 
@@ -125,6 +128,21 @@ def wait_for_pictures(page, node_ids: list[int], timeout_ms: float) -> None:
 def load_workflow(page, workflow: dict, name: str) -> None:
     page.evaluate(LOAD, [workflow, name])
     settle(page)
+
+
+def missing_models_text(page) -> str | None:
+    """The text of the frontend's missing-models dialog (which lists each file with its folder), or None."""
+    dialog = page.locator(DIALOG).filter(has_text=MISSING_MODELS_MESSAGE)
+    return dialog.first.inner_text() if dialog.count() else None
+
+
+def close_dialogs(page) -> None:
+    """Close what the frontend opened on top of the canvas (each Escape closes the topmost dialog)."""
+    for _ in range(MAX_DIALOGS):
+        if not page.locator(DIALOG).count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(SETTLE_MS)
 
 
 def settle(page) -> None:

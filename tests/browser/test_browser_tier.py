@@ -40,6 +40,8 @@ from browser_harness import (  # noqa: E402
     find_chromium,
     graph_clip,
     load_workflow,
+    close_dialogs,
+    missing_models_text,
     missing_nodes_dialog_shown,
     node_boxes,
     now_ms,
@@ -210,6 +212,8 @@ def test_workflow_loads_without_missing_nodes_or_overlaps_and_fits_the_window(pa
     workflow = load_json(key)
     load_workflow(page, workflow, make_workflows.ui_file_name(key))
     assert not missing_nodes_dialog_shown(page), f"{key}: the frontend reports missing nodes"
+    assert_missing_models_named_with_their_folders(page, workflow, key)
+    close_dialogs(page)
     nodes = assert_laid_out(page, f"{key} as loaded")
     assert len(nodes) == len(workflow["nodes"])
     assert all(node["registered"] for node in nodes), [node["type"] for node in nodes if not node["registered"]]
@@ -224,13 +228,25 @@ def test_workflow_loads_without_missing_nodes_or_overlaps_and_fits_the_window(pa
     page.screenshot(path=os.path.join(shots, f"{key}_with_pictures.png"))
 
 
+def assert_missing_models_named_with_their_folders(page, workflow: dict, key: str) -> None:
+    """The test server has none of the files a user must fetch (its checkpoint and retriever have test names):
+    the dialog lists each one the workflow names, with its folder, as soon as the workflow opens."""
+    expected = [model for node in workflow["nodes"] for model in node["properties"].get("models", [])]
+    text = missing_models_text(page)
+    if not expected:
+        assert text is None, f"{key}: the frontend reports missing models: {text}"
+        return
+    assert text is not None, f"{key}: no missing-models dialog for {[m['name'] for m in expected]}"
+    for model in expected:
+        assert model["name"] in text and model["directory"] in text, f"{key}: {model['name']} not named: {text}"
+
+
 def test_missing_node_check_sees_the_missing_node_dialog(page):
     broken = load_json("ice_compose")
     broken["nodes"][0]["type"] = "ICE_NoSuchNode"
     load_workflow(page, broken, "broken")
     assert missing_nodes_dialog_shown(page), "the check for the missing-node dialog would miss it"
-    page.keyboard.press("Escape")
-    page.wait_for_timeout(SETTLE_MS)
+    close_dialogs(page)
     assert not missing_nodes_dialog_shown(page)
 
 
