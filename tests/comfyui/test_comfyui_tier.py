@@ -23,6 +23,7 @@ from comfyui_harness import (  # noqa: E402
     ROOT,
     ComfyServer,
     PromptFailed,
+    PromptRejected,
     comfyui_path,
     ensure_models,
     execution_error,
@@ -33,7 +34,7 @@ from comfyui_harness import (  # noqa: E402
 
 from ice_ops.toyworld import embedded_weights_present  # noqa: E402
 from ice_ops.toyworld.scenes import DEFAULT_SIZE as TOYWORLD_SIDE  # noqa: E402
-from nodes._spec import NODE_BY_ID, NODES, STOCK_NODES, TOYWORLD_MODEL  # noqa: E402
+from nodes._spec import BUILTIN_VOCABULARY, NODE_BY_ID, NODES, STOCK_NODES, TOYWORLD_MODEL  # noqa: E402
 
 COMFYUI = comfyui_path()
 _MISSING = [m for m in ("aiohttp", "yaml", "requests") if importlib.util.find_spec(m) is None]
@@ -99,7 +100,7 @@ def write_test_image(path: str) -> None:
 
 
 def write_tiny_diffusers_folder(folder: str) -> None:
-    from ice_ops.random_models import build_random_bundle, save_diffusers_folder
+    from devtools.random_models import build_random_bundle, save_diffusers_folder
 
     save_diffusers_folder(build_random_bundle("tiny"), folder)
 
@@ -436,6 +437,21 @@ def test_a_batch_of_images_stops_localization_with_a_way_out(server, small):
     error = _error_of(server, prompt)
     assert error["node_type"] == "ICE_IterativeLocalize"
     assert "batch of 2 images" in error["exception_message"] and "ImageFromBatch" in error["exception_message"]
+
+
+@pytest.mark.parametrize("node, inputs, folder", [
+    ("ICE_LoadCLIPRetriever", {"weights": "clip_missing.safetensors", "architecture": "ViT-L-14-quickgelu",
+                               "vocabulary": BUILTIN_VOCABULARY}, "ice"),
+    ("ICE_LoadConcepts", {"concept_set": "missing_set.safetensors"}, "ice_concepts"),
+    ("ICE_LoadDiffusersModel", {"folder": "missing_model"}, "diffusers"),
+])
+def test_a_missing_model_file_is_named_with_its_folder_when_queued(server, node, inputs, folder):
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue({"1": {"class_type": node, "inputs": inputs}, "2": {"class_type": "PreviewAny",
+                                                                          "inputs": {"source": ["1", 0]}}})
+    details = json.dumps(rejected.value.body)
+    missing = next(iter(inputs.values()))
+    assert missing in details and os.path.join("models", folder) in details and "press R" in details
 
 
 @pytest.mark.parametrize("name, expected", [("", "empty"), ("../escape", "path separator"), ("a/b", "path separator")])
