@@ -19,8 +19,10 @@ def text(tiny_bundle):
 def test_placeholder_string_is_unambiguous_and_checked():
     assert placeholder_string("bust", "material") == "<ice:bust:material>"
     assert placeholder_string("bust_2", "object") != placeholder_string("bust", "object")
-    for name, role in (("", "object"), ("a:b", "object"), ("bust", "<x>"), ("bust", " ")):
-        with pytest.raises(ValueError):
+    refused = ((("", "object"), "non-empty concept name; got ''"), (("a:b", "object"), "concept name 'a:b' contains :"),
+               (("bust", "<x>"), "role '<x>' contains < >,"), (("bust", " "), "non-empty role; got ' '"))
+    for (name, role), message in refused:
+        with pytest.raises(ValueError, match=message):
             placeholder_string(name, role)
 
 
@@ -34,8 +36,10 @@ def test_add_returns_ids_above_the_vocabulary_and_validates(tiny_bundle, text):
         text.add("<ice:cup:object>", text.word_init("cup"))
     with pytest.raises(ValueError, match="not a placeholder string"):
         text.add("cup", text.word_init("cup"))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="The vector for '<ice:cup:colour>' has shape \\(7,\\)"):
         text.add("<ice:cup:colour>", torch.zeros(7))
+    with pytest.raises(ValueError, match="has shape list"):
+        text.add("<ice:cup:colour>", [0.0] * text.width)
     with pytest.raises(ValueError, match="Unknown placeholder.*<ice:cup:object>"):
         text.vector("<ice:bowl:object>")
 
@@ -103,6 +107,10 @@ def test_tokenize_maps_placeholders_and_rejects_unknown_or_cut_ones(text):
         text.tokenize(["a <ice:bowl:object>"])
     with pytest.raises(ValueError, match="would be cut off"):
         text.tokenize(["word " * 80 + name])
+    room = text.max_length - 2  # between the start and end tokens
+    assert text.tokenize(["word " * (room - 1) + name])[0, room].item() == token  # the last slot that fits
+    with pytest.raises(ValueError, match=f"only {room} fit; {name} would be cut off"):
+        text.tokenize(["word " * room + name])
 
 
 def test_placeholder_with_a_words_embedding_encodes_like_the_word(text):
@@ -148,8 +156,66 @@ def test_first_end_of_text_skips_padding_and_refuses_rows_without_one():
     eos = 7
     ids = torch.tensor([[1, 5, eos, eos, eos], [1, eos, 0, 0, 0], [1, 9, 9, 9, eos]])
     assert first_end_of_text(ids, eos).tolist() == [2, 1, 4]
-    with pytest.raises(ValueError, match="end-of-text"):
+    with pytest.raises(ValueError, match="Every row of token ids needs an end-of-text token"):
         first_end_of_text(torch.tensor([[1, 5, eos], [1, 5, 6]]), eos)
+
+
+def test_ids_parameters_and_trainable_rows_follow_the_names_given(text):
+    names = [placeholder_string(concept, "object") for concept in ("a", "b", "c")]
+    with pytest.raises(ValueError, match="the placeholders are: none yet"):
+        text.token_id(names[0])
+    ids = [text.add(name, torch.full((text.width,), float(k))) for k, name in enumerate(names)]
+    assert [text.token_id(name) for name in names] == ids == list(range(text.first_id, text.first_id + len(names)))
+    assert all(p is text.parameter(name) for p, name in zip(text.parameters(), names))
+    assert [float(p[0]) for p in text.parameters([names[2], names[0]])] == [2.0, 0.0]
+    assert {name: float(vector[0]) for name, vector in text.vectors().items()} == {
+        names[0]: 0.0, names[1]: 1.0, names[2]: 2.0}
+    chosen = text.trainable([names[1]])
+    assert len(chosen) == 1 and chosen[0] is text.parameter(names[1])
+    assert [text.parameter(name).requires_grad for name in names] == [False, True, False]
+    with pytest.raises(ValueError, match="the placeholders are: <ice:a:object>, <ice:b:object>, <ice:c:object>"):
+        text.token_id("<ice:d:object>")
+
+
+def test_gradients_reach_every_placeholder_in_the_prompt_whatever_its_rank(text):
+    names = [placeholder_string(concept, "object") for concept in "abcde"]
+    generator = torch.Generator().manual_seed(1)
+    for name in names:
+        text.add(name, torch.randn(text.width, generator=generator))
+    hidden, _ = text.encode(text.tokenize([f"a {names[1]} next to a {names[4]}"]))
+    hidden.sum().backward()
+    assert [text.parameter(name).grad is not None for name in names] == [False, True, False, False, True]
+    assert all(text.parameter(name).grad.abs().sum() > 0 for name in (names[1], names[4]))
+
+
+def test_encode_refuses_ids_that_tokenize_did_not_make(text):
+    text.add(placeholder_string("a", "object"), torch.zeros(text.width))
+    good = text.tokenize([f"a {placeholder_string('a', 'object')} cup"])
+    last = text.first_id + 1  # one past the only placeholder
+    negative, beyond = good.clone(), good.clone()
+    negative[0, 1] = -1
+    beyond[0, 1] = last
+    cases = ((good.int(), "LongTensor of token ids"), (good[0], "LongTensor of token ids"),
+             (torch.cat([good, good], 1), f"Token ids are {2 * good.shape[1]} long; .* at most {text.max_length}"),
+             (negative, f"must lie in 0\\.\\.{last - 1} "), (beyond, f"must lie in 0\\.\\.{last - 1} "))
+    for ids, message in cases:
+        with pytest.raises(ValueError, match=message):
+            text.encode(ids)
+
+
+def test_vectors_keep_the_chosen_precision(tiny_bundle):
+    text = PlaceholderText(tiny_bundle.tokenizer, tiny_bundle.text_encoder, dtype=torch.float64)
+    word = text.word_init(SINGLE_PIECE_WORD)
+    name = placeholder_string("cup", "object")
+    text.add(name, word.float())
+    assert word.dtype == text.vector(name).dtype == torch.float64
+
+
+def test_placeholder_ids_start_above_a_text_encoder_table_larger_than_the_tokenizer(fresh_tiny_bundle):
+    rows = len(fresh_tiny_bundle.tokenizer) + 8  # an encoder whose embedding table has spare rows
+    fresh_tiny_bundle.text_encoder.resize_token_embeddings(rows)
+    text = PlaceholderText(fresh_tiny_bundle.tokenizer, fresh_tiny_bundle.text_encoder)
+    assert text.add(placeholder_string("cup", "object"), text.word_init(SINGLE_PIECE_WORD)) == rows
 
 
 def test_multi_piece_word_init_is_the_mean_of_its_pieces(text):
