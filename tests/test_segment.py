@@ -14,6 +14,7 @@ from ice_ops.segment import (
     label_map,
     label_segments,
     merge_by_kl,
+    merge_greedy,
     refine_by_kmeans,
     split_instances,
     symmetric_kl,
@@ -80,12 +81,41 @@ def test_each_threshold_is_its_own_iteration():
     agg = aggregate_self_attention({(16, 16): gaussian_attention(16, 16, 1.5)})
     anchors = anchor_indices(16, 16)
     only_first = merge_by_kl(agg, anchors, thresholds=(0.5,))
+    two = merge_by_kl(agg, anchors, thresholds=(0.5, 0.5))
     three = merge_by_kl(agg, anchors, thresholds=(0.5, 0.5, 0.5))
     assert only_first.shape[0] == len(anchors)
-    assert three.shape[0] < only_first.shape[0]
+    assert three.shape[0] < two.shape[0] < only_first.shape[0]  # every threshold merges once more
     torch.testing.assert_close(three.sum(dim=1), torch.ones(three.shape[0]))
     with pytest.raises(ValueError, match="positive"):
         merge_by_kl(agg, anchors, thresholds=(1.1, 0.0))
+
+
+def test_merging_takes_each_map_once_and_anchors_must_be_rows_of_the_map():
+    peaked = torch.softmax(torch.eye(8) * 6, dim=1)  # eight maps, each peaked on its own cell
+    near_first = torch.softmax(torch.eye(8)[0] * 6 + 0.05 * torch.arange(8), dim=0)
+    maps = torch.stack([peaked[0], peaked[5], near_first])  # the third is close to the first, the second is far
+    merged = merge_greedy(maps, threshold=0.5)
+    assert merged.shape[0] == 2
+    torch.testing.assert_close(merged[0], (maps[0] + maps[2]) / 2)
+    agg = aggregate_self_attention({(4, 4): gaussian_attention(4, 4, 1.0)})
+    for anchors in (torch.tensor([0, 16]), torch.tensor([], dtype=torch.long), torch.tensor([[0, 1]])):
+        with pytest.raises(ValueError, match="non-empty 1-D tensor of row indices below 16"):
+            merge_by_kl(agg, anchors)
+
+
+def test_out_of_range_sizes_are_refused_and_the_smallest_ones_work():
+    assert anchor_grid(5, 7, 1).tolist() == [[2, 3]]  # one anchor per side: the centre cell
+    assert anchor_grid(1, 1, 1).tolist() == [[0, 0]]
+    grid = anchor_grid(12, 11, 4)  # spacing 3 on both axes, centred: rows from 1, columns from 0
+    assert sorted(set(grid[:, 0].tolist())) == [1, 4, 7, 10] and sorted(set(grid[:, 1].tolist())) == [0, 3, 6, 9]
+    for sizes in ((0, 4, 2), (4, 0, 2), (4, 4, 0)):
+        with pytest.raises(ValueError, match="anchor_grid needs positive sizes"):
+            anchor_grid(*sizes)
+    maps = {(2, 2): torch.full((4, 1), 0.25)}
+    assert aggregate_cross_attention(maps, (1, 1)).shape == (1, 1, 1)
+    for size in ((0, 4), (4, 0)):
+        with pytest.raises(ValueError, match=r"out_size must be two positive integers \(height, width\)"):
+            aggregate_cross_attention(maps, size)
 
 
 def test_anchor_grid_of_64_cells_is_the_reference_grid():
@@ -151,6 +181,21 @@ def test_refine_by_kmeans_finds_cluster_means_and_drops_empty_clusters():
     torch.testing.assert_close(centres[1], points[20:].mean(dim=0))
 
 
+def test_refine_by_kmeans_moves_a_poor_start_to_the_clusters_over_several_updates():
+    generator = torch.Generator().manual_seed(0)
+    near, far = torch.zeros(10, 2), torch.zeros(12, 2)
+    near[:, 0] = torch.arange(10) / 10  # 0.0 .. 0.9 on the first axis
+    far[:, 1] = 5 + torch.arange(12) / 10  # 5.0 .. 6.1 on the second axis, far from the origin
+    points = torch.cat([near, far]) + 0.001 * torch.rand(22, 2, generator=generator)
+    start = torch.tensor([[0.0, 0.0], [0.5, 0.5]])  # the second centre first takes half of the near points
+    centres = refine_by_kmeans(points, start)
+    torch.testing.assert_close(centres, torch.stack([points[:10].mean(0), points[10:].mean(0)]))
+    assert refine_by_kmeans(points, start, iterations=1).shape == (2, 2)
+    for iterations in (0, 1.5):
+        with pytest.raises(ValueError, match=f"iterations must be a positive integer, got {iterations}"):
+            refine_by_kmeans(points, start, iterations=iterations)
+
+
 def test_label_map_upsamples_and_takes_the_argmax():
     maps = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])  # 2x2 grid: left column / right column
     labels = label_map(maps, (2, 2), (4, 6))
@@ -167,6 +212,13 @@ def test_cross_attention_grids_are_upsampled_and_summed():
     assert cross.shape == (8, 8, 2)
     torch.testing.assert_close(cross.sum(dim=-1), torch.full((8, 8), 2.0))
     assert torch.equal(cross.argmax(dim=-1), torch.tensor([[0] * 4 + [1] * 4] * 8))
+
+
+def test_cross_attention_is_upsampled_bilinearly_from_cell_centres():
+    one_cell = torch.tensor([[1.0], [0.0], [0.0], [0.0]])  # 2x2 grid, attention only in the top-left cell
+    cross = aggregate_cross_attention({(2, 2): one_cell}, (4, 4))[..., 0]
+    profile = torch.tensor([1.0, 0.75, 0.25, 0.0])  # cell centres at 0.5 and 2.5 of the 4 output pixels
+    torch.testing.assert_close(cross, profile[:, None] * profile[None, :])
 
 
 def _word_scene():
@@ -191,8 +243,17 @@ def test_label_segments_picks_the_dominating_word_using_all_pieces_of_a_word():
     assert label_segments(labels, cross, [[0], [1], [3]])[1] == 2
 
 
+def test_label_segments_do_not_depend_on_how_strongly_a_word_attends_overall():
+    labels, cross = _word_scene()
+    loud = cross.clone()
+    loud[..., 3] *= 10  # the third word attends ten times more everywhere
+    assert label_segments(labels, loud, [[0], [1, 2], [3]]) == {0: 0, 1: 1, 2: 2}
+
+
 def test_label_segments_rejects_mismatched_inputs():
     labels, cross = _word_scene()
+    with pytest.raises(ValueError, match="every word at least one token column"):
+        label_segments(labels, cross, [[0], []])
     with pytest.raises(ValueError, match="columns"):
         label_segments(labels, cross, [[0], [4]])
     with pytest.raises(ValueError, match="size"):
@@ -211,6 +272,19 @@ def test_split_instances_keeps_large_components_largest_first():
         np.pad(np.ones((3, 3), dtype=bool), ((0, 37), (30, 7)))
     ))
     assert len(split_instances(mask, min_fraction=0.0)) == 3
+
+
+def test_split_instances_orders_equal_areas_by_scan_order_and_checks_the_fraction():
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[12:16, 2:6] = True  # two squares of 16 px each: the lower one is further left ...
+    mask[2:6, 12:16] = True  # ... but the upper one comes first in scan order
+    first, second = split_instances(mask, min_fraction=0.0)
+    assert bool(first[2, 12]) and bool(second[12, 2])
+    for fraction in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"min_fraction must lie in \[0, 1\)"):
+            split_instances(mask, min_fraction=fraction)
+    with pytest.raises(ValueError, match=r"needs a \[H, W\] mask, got shape \(1, 20, 20\)"):
+        split_instances(mask[None])
 
 
 def test_split_instances_joins_diagonal_neighbours():
