@@ -91,12 +91,20 @@ def test_validate_rejects_unusable_sets():
     blank.concepts[1].mask = torch.zeros(16, 20)
     with pytest.raises(ValueError, match="mask of 'bowl' is empty"):
         blank.validate()
+    twins = _learned_set()
+    twins.concepts[1].name = "bust"
+    with pytest.raises(ValueError, match="Two concepts are named 'bust'; names must be unique in a set."):
+        twins.validate()
 
 
 def test_fingerprint_mismatch_names_the_original_model(tiny_bundle):
     learned = _learned_set(fingerprint={"width": 1024, "vocab_size": 49408, "family": "sd2", "embedding_sha256": "x"})
-    with pytest.raises(ValueError, match="SD 2.x model"):
+    with pytest.raises(ValueError, match="SD 2.x model") as plain:
         learned.check_text_encoder(tiny_bundle.text_encoder)
+    with pytest.raises(ValueError, match="Load the checkpoint the concepts were learned with, or learn new tokens"):
+        learned.check_text_encoder(tiny_bundle.text_encoder, relearn_hint=True)
+    assert "Load the checkpoint the concepts were learned with" in str(plain.value)
+    assert "relearn" not in str(plain.value)  # only learning can start again from the words
     same = _learned_set(fingerprint=text_encoder_fingerprint(tiny_bundle.text_encoder))
     same.check_text_encoder(tiny_bundle.text_encoder)
 
@@ -144,3 +152,28 @@ def test_names_are_cleaned_and_made_unique():
 def test_export_lora_requires_a_lora(tmp_path):
     with pytest.raises(ValueError, match="no LoRA"):
         _learned_set().export_lora(str(tmp_path / "x.safetensors"))
+
+
+def test_get_masks_and_replace_give_the_concepts_without_sharing_what_learning_changes():
+    concepts = _learned_set()
+    assert concepts.get("bowl") is concepts.concepts[1]
+    with pytest.raises(ValueError, match="Unknown concept 'cup'; the concepts are: bust, bowl."):
+        concepts.get("cup")
+    with pytest.raises(ValueError, match="There is no concept 'cup': the concept set is empty"):
+        ConceptSet([], (16, 20)).get("cup")
+    masks = concepts.masks()
+    assert masks.shape == (2, 16, 20) and masks.dtype == torch.float32
+    assert torch.equal(masks[1], concepts.concepts[1].mask)
+    assert ConceptSet([], (16, 20)).masks().shape == (0, 16, 20)
+
+    copy = concepts.replace(anchors=("colour",))
+    assert (copy.anchors, concepts.anchors) == (("colour",), ("material",))
+    assert (copy.image_size, copy.fingerprint, copy.lora) == (concepts.image_size, concepts.fingerprint, concepts.lora)
+    assert copy.names == concepts.names and [c.word for c in copy.concepts] == [c.word for c in concepts.concepts]
+    assert [c.score for c in copy.concepts] == [0.7, 0.2]
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(copy.concepts, concepts.concepts))
+    copy.concepts[0].vectors["colour"] = torch.zeros(8)  # learning adds tokens to the copy ...
+    copy.settings["seed"] = 4
+    assert "colour" not in concepts.concepts[0].vectors and concepts.settings["seed"] == 3  # ... not to the original
+    assert torch.equal(copy.concepts[0].vectors["object"], concepts.concepts[0].vectors["object"])
+    assert concepts.replace(concepts=[]).names == [] and len(concepts) == 2
