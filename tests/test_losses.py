@@ -336,7 +336,7 @@ def test_cosine_distance_range_and_zero_vectors():
 
 def test_anchor_margins_from_word_distances():
     anchors = torch.stack([basis(8, 0), basis(8, 0) + basis(8, 1), basis(8, 2)])
-    object_word = basis(8, 2)  # equal to the third anchor (B17 in the reference: KeyError)
+    object_word = basis(8, 2)  # equal to the third anchor (the reference fails with a KeyError)
     margins, object_margins = anchor_margins(anchors, object_word)
     assert margins.shape == (3, 3) and object_margins.shape == (3,)
     assert torch.all(margins.diagonal() == 0)

@@ -239,7 +239,7 @@ def test_label_segments_picks_the_dominating_word_using_all_pieces_of_a_word():
     labels, cross = _word_scene()
     mapping = label_segments(labels, cross, [[0], [1, 2], [3]])
     assert mapping == {0: 0, 1: 1, 2: 2}
-    # Using only the first BPE piece (reference bug B2) loses the middle segment to the third word.
+    # Using only the first BPE piece (as the reference does) loses the middle segment to the third word.
     assert label_segments(labels, cross, [[0], [1], [3]])[1] == 2
 
 
