@@ -191,7 +191,6 @@ def run_localize(args) -> int:
                         min_contrast=args.min_contrast)
     progress.finish()
     outputs = localization_outputs(args.out, image, concepts)
-    _refuse_existing_outputs(args.out, [os.path.basename(path) for path in outputs], args.overwrite)
     stale = stale_masks(args.out, outputs) if args.overwrite else []
     write_files_atomic(outputs, overwrite=args.overwrite)
     for path in stale:

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from .defaults import BASE_ROLES, INSTANCE_ROLE, OBJECT_ROLE  # noqa: F401 (re-exported)
-from .files import refuse_existing, write_bytes_atomic, write_files_atomic
+from .files import write_bytes_atomic, write_files_atomic
 from .imaging import MASK_THRESHOLD
 
 FORMAT_NAME = "ice-concept-set"
@@ -302,7 +302,6 @@ class ConceptSet:
         lora = lora_path if (lora_path is not None and self.lora) else None
         if lora is not None:
             payloads[lora] = self.lora_bytes()
-        refuse_existing(payloads, overwrite)
         write_files_atomic(payloads, overwrite=overwrite)
         return SavedFiles(set_path, tuple(embeddings), lora)
 
