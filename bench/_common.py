@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-TINY_CLIP_CONFIG = os.path.join(ROOT, "tests", "fixtures", "tiny_open_clip.json")
+TINY_CLIP_CONFIG = os.path.join(ROOT, "devtools", "configs", "tiny_open_clip.json")
 
 
 def pick_device(name: str) -> torch.device:

@@ -7,7 +7,7 @@ mutmut changes the module one small edit at a time (a constant, an operator, a c
 value ...) and runs the module's own tests against each changed copy: a *killed* mutant made a test fail, a
 *survivor* passed every test, so either the tests miss that behaviour or the edit changes nothing a user can
 observe (an equivalent mutant). The run happens in a scratch copy (``.mutation/<module>/``, ignored by git):
-the package, ``devtools/``, the test fixtures and the one test file, so the working tree is never touched
+the package, ``devtools/`` (tiny model configs) and the one test file, so the working tree is never touched
 and other test files do not slow the run. ``mutmut results`` and ``mutmut show <name>`` work inside that
 folder afterwards. On two busy cores tokens, segment and concepts take 10 to 35 minutes; losses, localization
 and learn take hours (their tests train and run models), so ``--only`` runs some functions at a time.
@@ -33,7 +33,7 @@ MODULES = {
     "tokens": "tests/test_tokens.py",
     "concepts": "tests/test_concepts.py",
 }
-COPIED = ("ice_ops", "devtools", "pyproject.toml", "tests/conftest.py", "tests/fixtures")
+COPIED = ("ice_ops", "devtools", "pyproject.toml", "tests/conftest.py")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.orig")
 KILLED = ("killed", "timeout", "caught by type check")
 NOT_TESTED = "not checked"  # outside --only

@@ -13,6 +13,8 @@ import torch
 from ice_ops.bundle import DiffusionBundle, read_config, save_text_encoder, scheduler_config, write_model_index
 from ice_ops.text import END_OF_TEXT, build_clip_tokenizer
 
+# A tiny open_clip architecture (the CLIP retriever's shape at a fraction of its size), for tests and benches.
+TINY_OPEN_CLIP_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_open_clip.json")
 TINY_TEXT_WIDTH = 32
 TINY_UNET = {
     "sample_size": 32,

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .defaults import BASE_ROLES, DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS, INSTANCE_ROLE, OBJECT_ROLE, SCHEDULERS
+from .defaults import BASE_ROLES, DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS, OBJECT_ROLE, SCHEDULERS
 from .tokens import PlaceholderText, placeholder_string
 
 # British and American spellings of the same anchor; either is accepted when the other is the one learned.

@@ -15,7 +15,6 @@ from typing import Any, Iterable
 
 import torch
 
-from .defaults import BASE_ROLES, INSTANCE_ROLE, OBJECT_ROLE  # noqa: F401 (re-exported)
 from .files import write_bytes_atomic, write_files_atomic
 from .imaging import MASK_THRESHOLD
 

@@ -18,8 +18,7 @@ import torch
 
 from .attention import capture_attention
 from .concepts import Concept, ConceptSet, unique_name
-from .defaults import (  # noqa: F401 (re-exported: the engine's Stage One names)
-    CROSS_ATTENTION,
+from .defaults import (
     DEFAULT_MAX_CONCEPTS,
     DEFAULT_STOP_FRACTION,
     DIFFSEG,

@@ -1,6 +1,6 @@
 """What every ICE node looks like, without ComfyUI (nor torch): ids, names, categories, sockets, widgets, tooltips.
 
-The V3 schemas (``nodes/_schema.py``), NODES.md (``python -m nodes.make_docs``) and the workflow tests all
+The V3 schemas (``nodes/_schema.py``), NODES.md (``python -m devtools.make_docs``) and the workflow tests all
 read this module, so the documentation, the tooltips and the graphs cannot drift apart. ``STOCK_NODES``
 describes the few ComfyUI core nodes our example workflows use (checked against a real ComfyUI in the
 ComfyUI test tier).

@@ -269,6 +269,8 @@ def test_the_engine_asks_comfyui_for_cancel_inside_a_step():
 
 
 # ---------------------------------------------------------------------- model checks (stand-ins for ComfyUI objects)
+# The ComfyUI tier runs model_family on every model class of a real ComfyUI
+# (test_of_every_model_class_comfyui_detects_only_sd1_and_sd2_are_taken); here, stand-ins cover the branches.
 def fake_model(config_class: str, unet_config: dict | None = None, model_type: str = "EPS"):
     config = type(config_class, (), {})()
     config.unet_config = unet_config or {"in_channels": 4}

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from ice_ops.__main__ import build_parser, main
 from ice_ops.concepts import Concept, ConceptSet
+from devtools.random_models import TINY_OPEN_CLIP_CONFIG
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_localize_learn_compose_export(tmp_path, scene_file, tiny_diffusers_fold
     vocabulary.write_text("ball\nbox\ntable\nwall\n")
     out = tmp_path / "out"
     assert main(["--quiet", "localize", scene_file, "--model", tiny_diffusers_folder, "--device", "cpu",
-                 "--clip-arch", os.path.join(FIXTURES, "tiny_open_clip.json"), "--vocabulary", str(vocabulary),
+                 "--clip-arch", TINY_OPEN_CLIP_CONFIG, "--vocabulary", str(vocabulary),
                  "--max-concepts", "2", "--out", str(out)]) == 0
     concepts = ConceptSet.load(str(out / "concepts.safetensors"))
     assert concepts.image_size == (80, 96)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 import ice_ops.__main__ as cli
 from ice_ops import files

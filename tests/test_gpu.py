@@ -2,13 +2,12 @@
 
 Never part of CI; skipped without a CUDA device. Speed and memory are measured by bench/, not here.
 """
-import os
 
 import pytest
 import torch
+from devtools.random_models import TINY_OPEN_CLIP_CONFIG
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
@@ -34,7 +33,7 @@ def test_full_size_localize_and_learn_on_the_gpu(full_bundle):
 
     size = full_bundle.native_resolution
     image, mask = _scene(size)
-    retriever = ClipRetriever.from_pretrained(os.path.join(FIXTURES, "tiny_open_clip.json"), None,
+    retriever = ClipRetriever.from_pretrained(TINY_OPEN_CLIP_CONFIG, None,
                                               vocabulary=["ball", "box", "wall"], device="cuda")
     found = localize(full_bundle, retriever, image, max_concepts=2, synonym_threshold=1.0)
     assert found.masks().shape[1:] == (size, size)

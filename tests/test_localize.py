@@ -1,5 +1,4 @@
 """Stage One: the localization loop on the tiny model, and its stopping and bookkeeping rules."""
-import os
 
 import pytest
 import torch
@@ -7,8 +6,8 @@ import torch
 from ice_ops import localization as localize_module
 from ice_ops.imaging import overlay_masks
 from ice_ops.localization import SegmentResult, localize, segment_word
+from devtools.random_models import TINY_OPEN_CLIP_CONFIG
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TOY_SCENE_SEED = 0
 MIN_TOY_IOU = 0.7  # the shipped model measures 0.85 and 0.87 on this scene
 
@@ -18,7 +17,7 @@ def tiny_retriever():
     from ice_ops.retrieve import ClipRetriever
 
     words = ["ball", "box", "cup", "vase", "table", "wall", "floor", "lamp", "chair", "plant"]
-    return ClipRetriever.from_pretrained(os.path.join(FIXTURES, "tiny_open_clip.json"), None, vocabulary=words)
+    return ClipRetriever.from_pretrained(TINY_OPEN_CLIP_CONFIG, None, vocabulary=words)
 
 
 def _image(height=64, width=64):

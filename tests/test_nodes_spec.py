@@ -164,14 +164,14 @@ def test_pack_root_imports_nothing_from_comfyui_or_torch():
 def test_default_tier_modules_do_not_import_comfyui():
     code = (
         "import sys\n"
-        "import nodes, nodes._spec, nodes._adapters, nodes.make_docs, nodes.make_workflows\n"
+        "import nodes, nodes._spec, nodes._adapters, devtools.make_docs, devtools.make_workflows\n"
         "print([m for m in ('comfy', 'comfy_api', 'folder_paths', 'server', 'execution') if m in sys.modules])\n"
     )
     assert _run(code) == "[]"
 
 
 def test_nodes_md_is_generated_from_the_specs():
-    from nodes import make_docs
+    from devtools import make_docs
 
     text = make_docs.render()
     for spec in NODES:
@@ -179,4 +179,4 @@ def test_nodes_md_is_generated_from_the_specs():
         for item in spec.inputs:
             assert item.tooltip.replace("|", "\\|") in text
     with open(os.path.join(ROOT, "NODES.md"), encoding="utf-8") as handle:
-        assert handle.read() == text, "NODES.md is out of date: run python -m nodes.make_docs"
+        assert handle.read() == text, "NODES.md is out of date: run python -m devtools.make_docs"

@@ -22,8 +22,9 @@ from ice_ops.retrieve import (
     load_vocabulary,
     preprocess_image,
 )
+from devtools.random_models import TINY_OPEN_CLIP_CONFIG
 
-TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_open_clip.json")
+TINY_CONFIG = TINY_OPEN_CLIP_CONFIG
 WORDS = ["cat", "kitten", "lion", "car", "vase", "bust"]
 
 

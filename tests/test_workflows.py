@@ -13,9 +13,9 @@ import re
 
 import pytest
 
-from nodes import make_workflows
+from devtools import make_workflows
 from nodes._spec import NODE_BY_ID, STOCK_NODES, widget_value_count
-from nodes.make_workflows import MODEL_FILES, TEMPLATE_TITLES, spec_of, ui_file_name
+from devtools.make_workflows import MODEL_FILES, TEMPLATE_TITLES, spec_of, ui_file_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_FOLDER = os.path.join(ROOT, "workflows")
@@ -167,15 +167,15 @@ def test_converter_drops_the_extra_seed_control_value():
 
 
 def test_generated_files_are_up_to_date():
-    from nodes import make_workflows
+    from devtools import make_workflows
 
-    assert make_workflows.main(["--check"]) == 0, "run python -m nodes.make_workflows"
+    assert make_workflows.main(["--check"]) == 0, "run python -m devtools.make_workflows"
 
 
 def test_toyworld_demo_workflow_uses_the_toy_models_settings_and_the_demo_scene():
     from ice_ops import toyworld
     from ice_ops.toyworld import demo, scenes
-    from nodes import make_workflows
+    from devtools import make_workflows
 
     assert make_workflows.TOYWORLD_MAX_OBJECTS == scenes.MAX_OBJECTS
     assert make_workflows.TOYWORLD_SEGMENTATION == toyworld.SEGMENTATION

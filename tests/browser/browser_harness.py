@@ -11,7 +11,7 @@ import shutil
 
 CHROMIUM_ENV = "ICE_CHROMIUM"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
-# The window the layout is made for (nodes/make_workflows.py VIEW_WIDTH and VIEW_HEIGHT add the frontend's
+# The window the layout is made for (devtools/make_workflows.py VIEW_WIDTH and VIEW_HEIGHT add the frontend's
 # side bar and menus to the canvas): 1600 x 900, and the canvas part of it.
 WINDOW = {"width": 1600, "height": 900}
 SIDE_BAR_WIDTH = 64
@@ -24,7 +24,7 @@ SETTINGS = {
     "Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
     "Comfy.Graph.CanvasMenu": False,
 }
-BADGE_HEIGHT = 20  # the pack badge above an ICE node's title bar (nodes/make_workflows.py BADGE_HEIGHT)
+BADGE_HEIGHT = 20  # the pack badge above an ICE node's title bar (devtools/make_workflows.py BADGE_HEIGHT)
 CLIP_PADDING = 16  # px around the graph in a thumbnail
 MISSING_NODES_TITLE = "Some Nodes Are Missing"  # the frontend's missing-node dialog (locale en)
 MISSING_MODELS_MESSAGE = "the following models were not found"  # its missing-models dialog (locale en)

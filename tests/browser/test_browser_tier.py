@@ -56,7 +56,7 @@ from comfyui_harness import PACK_DIR_NAME, ROOT, ComfyServer, comfyui_path, make
 
 from ice_ops.imaging import legible_factor  # noqa: E402
 from ice_ops.toyworld.scenes import DEFAULT_SIZE as SCENE_SIDE  # noqa: E402
-from nodes import make_workflows  # noqa: E402
+from devtools import make_workflows  # noqa: E402
 from nodes._spec import NODE_BY_ID  # noqa: E402
 
 COMFYUI = comfyui_path()

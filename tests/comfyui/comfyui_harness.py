@@ -37,7 +37,7 @@ def ensure_models(folder: str, comfyui: str, family: str = "sd1", with_retriever
     import hashlib
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_fixtures.py")
-    config = os.path.join(ROOT, "tests", "fixtures", "tiny_open_clip.json")
+    config = os.path.join(ROOT, "devtools", "configs", "tiny_open_clip.json")
     digest = hashlib.sha256()
     for path in (script, config) if with_retriever else (script,):
         with open(path, "rb") as handle:

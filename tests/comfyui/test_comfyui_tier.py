@@ -145,6 +145,26 @@ def test_extension_loads_as_comfyui_loads_it_and_every_schema_validates(tmp_path
         assert_matches_spec(info["v1"], NODE_BY_ID[node_id_])
 
 
+def test_of_every_model_class_comfyui_detects_only_sd1_and_sd2_are_taken():
+    """model_family on ComfyUI's own classes (not stand-ins named like them): SD 1.x and 2.x text-to-image UNets
+    are taken with their text encoder's width, and every other class (SDXL, SD3, Flux, the SD2-derived unCLIP,
+    upscaler and Lotus models, instruct-pix2pix) is refused with a message naming what it is."""
+    script = os.path.join(HERE, "check_model_classes.py")
+    result = subprocess.run([sys.executable, script, "--comfyui", COMFYUI], capture_output=True, text=True,
+                            cwd=COMFYUI, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    taken = {name: verdict["family"] for name, verdict in report.items() if verdict.get("family")}
+    assert taken == {"SD15": "sd1", "SD20": "sd2"}
+    from ice_ops.bundle import read_config
+
+    for name, family in taken.items():
+        assert report[name]["context_dim"] == read_config(family, "text_encoder")["hidden_size"]
+    refused = [name for name, verdict in report.items() if verdict.get("built") and not verdict.get("family")]
+    assert {"SDXL", "SD3", "Flux", "SD21UnclipH", "SD_X4Upscaler", "LotusD", "SD15_instructpix2pix"} <= set(refused)
+    assert all(f"detected it as {name}" in report[name]["refusal"] for name in refused)
+
+
 def assert_matches_spec(info: dict, spec) -> None:
     """/object_info's V1 description of a node against nodes/_spec.py."""
     assert info["display_name"] == spec.display_name
@@ -186,7 +206,7 @@ def test_example_workflows_are_served_as_templates_of_the_pack(server):
 
     import requests
 
-    from nodes.make_workflows import TEMPLATE_TITLES
+    from devtools.make_workflows import TEMPLATE_TITLES
 
     templates = requests.get(server.url + "/workflow_templates", timeout=30).json()
     assert set(templates[PACK_DIR_NAME]) == set(TEMPLATE_TITLES.values())
@@ -229,7 +249,7 @@ def test_generate_refuses_conditioning_of_another_text_encoder(server):
 def test_toyworld_demo_runs_inside_comfyui_with_no_downloaded_weights(server):
     from PIL import Image
 
-    from nodes.make_workflows import TOYWORLD_VIEW_SCALE
+    from devtools.make_workflows import TOYWORLD_VIEW_SCALE
 
     prompt = load_twin("ice_toyworld_demo")
     entry = server.run(prompt, RUN_TIMEOUT_S)

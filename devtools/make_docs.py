@@ -1,7 +1,7 @@
 """Render NODES.md from ``nodes/_spec.py`` (the same data the ComfyUI schemas and tooltips are built from).
 
-    python -m nodes.make_docs           # rewrite NODES.md
-    python -m nodes.make_docs --check   # exit 1 if NODES.md is out of date
+    python -m devtools.make_docs           # rewrite NODES.md
+    python -m devtools.make_docs --check   # exit 1 if NODES.md is out of date
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from ._spec import (
+from ice_ops.files import write_bytes_atomic
+from nodes._spec import (
     CATEGORY_COMPOSE,
     CATEGORY_IO,
     CATEGORY_LEARN,
@@ -87,7 +88,7 @@ def render() -> str:
     parts = [
         "# ComfyUI-ICE nodes",
         "",
-        "Generated from `nodes/_spec.py` by `python -m nodes.make_docs`; do not edit by hand. The same text is",
+        "Generated from `nodes/_spec.py` by `python -m devtools.make_docs`; do not edit by hand. The same text is",
         "shown as tooltips in ComfyUI.",
         "",
     ]
@@ -108,14 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     current = open(NODES_MD, encoding="utf-8").read() if os.path.exists(NODES_MD) else None
     if args.check:
         if current != text:
-            sys.stderr.write("NODES.md is out of date; run python -m nodes.make_docs\n")
+            sys.stderr.write("NODES.md is out of date; run python -m devtools.make_docs\n")
             return 1
         return 0
     if current != text:
-        temporary = NODES_MD + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, NODES_MD)
+        write_bytes_atomic(NODES_MD, text.encode("utf-8"), overwrite=True)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Write the example workflows: UI format in ``workflows/`` (what ComfyUI's template browser lists) and their
 API-format twins in ``tests/workflows/`` (what the ComfyUI test tier queues through /prompt).
 
-    python -m nodes.make_workflows           # rewrite all files
-    python -m nodes.make_workflows --check   # exit 1 if a file differs from what would be written
+    python -m devtools.make_workflows           # rewrite all files
+    python -m devtools.make_workflows --check   # exit 1 if a file differs from what would be written
 
 Each graph is written once below; socket order, widget order and types come from ``nodes/_spec.py``. Nodes are
 stacked in columns using the frontend's own node geometry, with room for the pictures that appear after a run,
@@ -23,7 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._spec import (
+from ice_ops.files import write_bytes_atomic
+from nodes._spec import (
     BUILTIN_VOCABULARY, TOYWORLD_MODEL, NodeSpec, node_spec, widget_value_count,
 )
 
@@ -364,14 +365,6 @@ def stale_files(rendered: dict[str, bytes]) -> list[str]:
     return sorted(path for path in found if path not in rendered)
 
 
-def _write_atomic(path: str, payload: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the example workflows (UI format) and their API twins.")
     parser.add_argument("--check", action="store_true", help="only report files that are out of date")
@@ -383,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         if current != payload:
             stale.append(os.path.relpath(path, ROOT))
             if not args.check:
-                _write_atomic(path, payload)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_bytes_atomic(path, payload, overwrite=True)
     for path in stale_files(rendered):
         stale.append(os.path.relpath(path, ROOT) + " (no longer written)")
         if not args.check:
