@@ -1,4 +1,4 @@
-"""Command line: ``python -m ice_ops {demo,localize,learn,compose,export} ...`` (``--help`` on each)."""
+"""Command line: ``python -m ice_ops {demo,localize,learn,compose,export,batch,benchmark} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ MASK_PATTERN = "mask_{}.png"
 MODEL_LIBRARIES = ("diffusers", "transformers")  # libraries that log notices and draw loading bars of their own
 USER_ERROR_STATUS = 2  # argparse's own status for bad arguments
 SYSTEM_ERROR_STATUS = 1
+TOYWORLD_MODEL = "toyworld"  # --model value of `batch` for the embedded Toy World model
 INTERRUPTED_STATUS = 130  # what shells report for a program stopped by Ctrl-C (128 + SIGINT)
 OS_ERROR_FIXES = {
     errno.ENOSPC: "free some disk space and run again",
@@ -151,7 +152,75 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--prefix", default=None, help="file-name prefix (default: the concept-set file's name)")
     exp.add_argument("--overwrite", action="store_true", help="replace existing embedding files")
     exp.set_defaults(handler=run_export)
+
+    _batch_parser(commands, defaults)
+
+    bench = commands.add_parser(
+        "benchmark", help="score a batch output with the UCE metrics (SIM^I, SIM^C, ACC^1/ACC^3) on local CLIP/DINO",
+        description="Reads what `batch` wrote to DIR and scores it as ConceptExpress does (docs/DECISIONS.md, "
+        "'UCE benchmark protocol'): one JSON line on stdout and a per-concept table.")
+    bench.add_argument("folder", metavar="DIR", help="the --out folder of `python -m ice_ops batch`")
+    bench.add_argument("--clip-arch", required=True,
+                       help="open_clip architecture: a name (ViT-B-32, ...) or the path of a model-config JSON")
+    bench.add_argument("--clip-weights", required=True, help="the CLIP weights, a local .safetensors file")
+    bench.add_argument("--dino", default=None,
+                       help="a local transformers folder with a DINO ViT and its image processor (e.g. "
+                       "facebook/dino-vits16 saved with save_pretrained); adds the _dino metrics")
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    bench.add_argument("--table", default=None, help="write the per-concept table to this file instead of standard error")
+    bench.add_argument("--overwrite", action="store_true", help="replace --table if it exists")
+    bench.set_defaults(handler=run_benchmark)
     return parser
+
+
+def _batch_parser(commands, defaults) -> None:
+    bat = commands.add_parser(
+        "batch", help="localize, learn, export and sample every image of a folder (resumable; shards over torchrun)",
+        description="Runs localize, learn, export and a few generations per concept for every image of SOURCE, "
+        "writing one folder per image to --out (each whole or not at all), summary.jsonl and index.html. A rerun "
+        "skips finished images. Under torchrun (torchrun --nproc_per_node N -m ice_ops batch ...) the images are "
+        "shared out over the ranks. Exit status 1 when an image failed (the summary says why).")
+    bat.add_argument("source", help="a folder of images, or a text file with one image path per line")
+    bat.add_argument("--model", required=True,
+                     help=f"Stable Diffusion 1.x/2.x: a diffusers folder or a single-file .safetensors checkpoint; or "
+                     f"{TOYWORLD_MODEL!r} for the embedded Toy World model and its CLIP")
+    bat.add_argument("--device", default="auto",
+                     help="cpu, cuda, cuda:1, ... (default: cuda if available; under torchrun each rank takes the GPU "
+                     "of its LOCAL_RANK)")
+    bat.add_argument("--clip-arch", default=None, help="open_clip config JSON of the retriever (not with --model "
+                     f"{TOYWORLD_MODEL})")
+    bat.add_argument("--clip-weights", default=None, help="its .safetensors weights")
+    bat.add_argument("--vocabulary", default=None, help="word list for retrieval (default: the built-in one)")
+    bat.add_argument("--cache-dir", default=None, help="where the vocabulary's text embeddings are cached")
+    bat.add_argument("--stop-fraction", type=float, default=None,
+                     help=f"Stage One stops when less than this fraction is unexplained (default "
+                     f"{defaults.DEFAULT_STOP_FRACTION})")
+    bat.add_argument("--max-concepts", type=int, default=None,
+                     help=f"at most this many objects per image (default {defaults.DEFAULT_MAX_CONCEPTS})")
+    bat.add_argument("--segmentation", default=None, choices=defaults.SEGMENTATIONS,
+                     help=f"default {defaults.DIFFSEG} ({defaults.CROSS_ATTENTION} with --model {TOYWORLD_MODEL})")
+    bat.add_argument("--min-contrast", type=float, default=None,
+                     help="cross-attention stop rule (default off; calibrated value with the Toy World model)")
+    bat.add_argument("--object-steps", type=int, default=defaults.DEFAULT_STEPS,
+                     help=f"steps of Stage Two phase one (default {defaults.DEFAULT_STEPS})")
+    bat.add_argument("--intrinsic-steps", type=int, default=defaults.DEFAULT_STEPS,
+                     help=f"steps of phase two, 0 to skip (default {defaults.DEFAULT_STEPS})")
+    bat.add_argument("--anchors", default=",".join(defaults.DEFAULT_ANCHORS),
+                     help=f"intrinsic attributes to learn (default {','.join(defaults.DEFAULT_ANCHORS)})")
+    bat.add_argument("--refine-steps", type=int, default=0, help="LoRA refinement steps after phase two (default 0)")
+    bat.add_argument("--lr", type=float, default=defaults.DEFAULT_LR,
+                     help=f"learning rate (default {defaults.DEFAULT_LR})")
+    bat.add_argument("--seed", type=int, default=0, help="random seed of every stage (default 0)")
+    bat.add_argument("--samples", type=int, default=None,
+                     help="generations per concept (default: the UCE benchmark's number; 0 for none)")
+    bat.add_argument("--composition-samples", type=int, default=None,
+                     help="generations of all an image's concepts together (default: the benchmark's number)")
+    bat.add_argument("--sample-steps", type=int, default=defaults.DEFAULT_SAMPLE_STEPS,
+                     help=f"sampling steps per generation (default {defaults.DEFAULT_SAMPLE_STEPS})")
+    bat.add_argument("--guidance", type=float, default=defaults.DEFAULT_GUIDANCE,
+                     help=f"classifier-free guidance (default {defaults.DEFAULT_GUIDANCE})")
+    bat.add_argument("--out", required=True, help="output folder (created; finished images in it are skipped)")
+    bat.set_defaults(handler=run_batch)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -275,6 +344,88 @@ def run_compose(args) -> int:
     return 0
 
 
+def run_batch(args) -> int:
+    from .batch import FAILED, BatchSettings, World, count_statuses, list_images
+    from .batch import run_batch as run
+
+    paths = list_images(args.source)
+    if args.model != TOYWORLD_MODEL and args.clip_arch is None:
+        raise ValueError(f"--clip-arch is needed with --model {args.model} (or use --model {TOYWORLD_MODEL}).")
+    localize_options = {"stop_fraction": args.stop_fraction, "max_concepts": args.max_concepts,
+                        "segmentation": args.segmentation, "min_contrast": args.min_contrast}
+    base = toyworld_localize_settings() if args.model == TOYWORLD_MODEL else {}
+    settings = BatchSettings(
+        localize={**base, **{key: value for key, value in localize_options.items() if value is not None}},
+        object_steps=args.object_steps, intrinsic_steps=args.intrinsic_steps, anchors=args.anchors,
+        refine_steps=args.refine_steps, lr=args.lr, seed=args.seed, samples=args.samples,
+        composition_samples=args.composition_samples, sample_steps=args.sample_steps, guidance=args.guidance,
+    ).checked()
+    device = resolve_device(args.device)
+    world = World.from_environment(use_cuda=device.type == "cuda")
+    try:
+        if world.size > 1 and device.type == "cuda" and device.index is None:
+            import torch
+
+            device = torch.device("cuda", world.local_rank)
+        bundle, retriever = batch_models(args, device)
+        rows = run(bundle, retriever, paths, args.out, settings, world=world, progress=progress_reporter(args))
+    finally:
+        world.close()
+    if rows is None:  # ranks other than 0: rank 0 reports
+        return 0
+    counts = count_statuses(rows)
+    for row in rows:
+        if row["status"] == FAILED:
+            sys.stderr.write(f"failed: {row['image']}: {row['error']}\n")
+    sys.stdout.write(f"{len(rows)} images: {counts['done']} done, {counts['skipped']} finished earlier, "
+                     f"{counts[FAILED]} failed\nwrote: {os.path.join(args.out, 'summary.jsonl')} and "
+                     f"{os.path.join(args.out, 'index.html')}\n")
+    return SYSTEM_ERROR_STATUS if counts[FAILED] else 0
+
+
+def run_benchmark(args) -> int:
+    """The summary as one JSON line on standard output, the per-concept table on standard error (or --table)."""
+    import json
+
+    from .benchmark import ClipImageEncoder, DinoImageEncoder, format_table
+    from .benchmark import run_benchmark as score
+    from .files import write_bytes_atomic
+
+    if args.table is not None and os.path.exists(args.table) and not args.overwrite:
+        raise ValueError(f"{args.table} already exists; choose another --table or add --overwrite.")
+    device = resolve_device(args.device)
+    clip_encoder = ClipImageEncoder.from_files(args.clip_arch, args.clip_weights, device=device)
+    dino_encoder = DinoImageEncoder.from_folder(args.dino, device=device) if args.dino else None
+    summary, rows = score(args.folder, clip_encoder, dino_encoder)
+    table = format_table(rows)
+    if args.table is None:
+        sys.stderr.write(table)
+    else:
+        write_bytes_atomic(args.table, table.encode("utf-8"), overwrite=args.overwrite)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def toyworld_localize_settings() -> dict:
+    from .toyworld import localize_settings
+
+    return localize_settings()
+
+
+def batch_models(args, device):
+    """The diffusion model and the CLIP retriever of a batch run (the embedded pair for the Toy World)."""
+    from .retrieve import ClipRetriever
+
+    if args.model == TOYWORLD_MODEL:
+        from .toyworld import embedded_bundle, embedded_retriever
+
+        return embedded_bundle(device), embedded_retriever(device, vocabulary=args.vocabulary)
+    bundle = load_bundle(args.model, str(device))
+    retriever = ClipRetriever.from_pretrained(args.clip_arch, args.clip_weights, vocabulary=args.vocabulary,
+                                              device=bundle.device, cache_dir=args.cache_dir)
+    return bundle, retriever
+
+
 def run_export(args) -> int:
     from .concepts import ConceptSet, embedding_name
 
@@ -308,22 +459,9 @@ def load_bundle(path: str, device_name: str = "auto"):
 
 
 def load_image(path: str):
-    from PIL import Image
+    from .imaging import read_image
 
-    from .imaging import check_min_size, to_image_tensor
-
-    if not os.path.isfile(path):
-        raise ValueError(f"Image {path!r} does not exist.")
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            image = to_image_tensor(handle)
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path!r} is not an image Pillow can read ({error}).") from None
-    except ValueError as error:
-        raise ValueError(f"{path!r}: {error}") from None
-    check_min_size(*image.shape[-2:])
-    return image
+    return read_image(path)
 
 
 def quiet_model_libraries() -> None:

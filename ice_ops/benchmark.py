@@ -23,13 +23,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .batch import (
+    COMPOSITION_FOLDER,
+    COMPOSITION_PATTERN,
+    CONCEPT_SET_NAME,
+    IDENTITY_FOLDER,
+    IDENTITY_PATTERN,
+    PARTIAL_PREFIX,
+    RECORD_NAME,
+    SOURCE_NAME,
+)
 from .imaging import MASK_THRESHOLD, tensor_to_pil, to_image_tensor
 
 # ---------------------------------------------------------------------- the protocol
@@ -42,14 +51,7 @@ TOP_K = (1, 3)  # ACC^1 and ACC^3
 BENCH_NAME = "uce"
 
 # ---------------------------------------------------------------------- the batch folder's layout
-RECORD_NAME = "record.json"
-SOURCE_NAME = "source.png"
-CONCEPT_SET_NAME = "concepts.safetensors"
-IDENTITY_FOLDER = "identity"
-COMPOSITION_FOLDER = "composition"
-IDENTITY_PATTERN = "{name}_{k}.png"
-COMPOSITION_PATTERN = "{k}.png"
-HIDDEN_PREFIX = "."  # unfinished items (the batch's partial folders) start with it
+# (ice_ops.batch writes it and owns its names; unfinished items are hidden folders, PARTIAL_PREFIX)
 RERUN_HINT = ("remove the item's folder {root} and rerun `python -m ice_ops batch` with the same images and --out "
               "(and the default --samples) to make it again")
 
@@ -233,7 +235,7 @@ def finished_items(folder: str) -> list[str]:
         raise ValueError(f"{folder!r} is not a folder; give the --out folder of `python -m ice_ops batch`.")
     return sorted(
         name for name in os.listdir(folder)
-        if not name.startswith(HIDDEN_PREFIX) and os.path.isfile(os.path.join(folder, name, RECORD_NAME))
+        if not name.startswith(PARTIAL_PREFIX) and os.path.isfile(os.path.join(folder, name, RECORD_NAME))
     )
 
 
@@ -467,40 +469,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.{TABLE_DECIMALS}f}"
     return str(value)
-
-
-# ---------------------------------------------------------------------- command line
-def add_arguments(parser) -> None:
-    """The ``benchmark`` command's arguments."""
-    parser.add_argument("folder", metavar="DIR", help="the --out folder of `python -m ice_ops batch`")
-    parser.add_argument("--clip-arch", required=True,
-                        help="open_clip architecture: a name (ViT-B-32, ...) or the path of a model-config JSON")
-    parser.add_argument("--clip-weights", required=True, help="the CLIP weights, a local .safetensors file")
-    parser.add_argument("--dino", default=None,
-                        help="a local transformers folder with a DINO ViT and its image processor (e.g. "
-                        "facebook/dino-vits16 saved with save_pretrained); adds the _dino metrics")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--table", default=None,
-                        help="write the per-concept table to this file instead of standard error")
-    parser.add_argument("--overwrite", action="store_true", help="replace --table if it exists")
-
-
-def run(args) -> int:
-    """Print the summary as one JSON line on standard output and the per-concept table on standard error (or
-    into ``--table``)."""
-    from .__main__ import resolve_device
-    from .files import write_bytes_atomic
-
-    if args.table is not None and os.path.exists(args.table) and not args.overwrite:
-        raise ValueError(f"{args.table} already exists; choose another --table or add --overwrite.")
-    device = resolve_device(args.device)
-    clip_encoder = ClipImageEncoder.from_files(args.clip_arch, args.clip_weights, device=device)
-    dino_encoder = DinoImageEncoder.from_folder(args.dino, device=device) if args.dino else None
-    summary, rows = run_benchmark(args.folder, clip_encoder, dino_encoder)
-    table = format_table(rows)
-    if args.table is None:
-        sys.stderr.write(table)
-    else:
-        write_bytes_atomic(args.table, table.encode("utf-8"), overwrite=args.overwrite)
-    sys.stdout.write(json.dumps(summary) + "\n")
-    return 0

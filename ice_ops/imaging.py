@@ -11,6 +11,7 @@ working size and resized back to the input size, so callers always get masks at 
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -104,6 +105,25 @@ def _pil_to_tensor(image) -> torch.Tensor:
 
 def _grey_to_tensor(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32))[None].expand(3, -1, -1).contiguous()
+
+
+def read_image(path: str) -> torch.Tensor:
+    """The image file at ``path`` as a ``[3, H, W]`` tensor in 0..1; ``ValueError`` naming the file when it is
+    missing, not an image Pillow can read, or smaller than :data:`MIN_SIDE`."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise ValueError(f"Image {path!r} does not exist.")
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            image = to_image_tensor(handle)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path!r} is not an image Pillow can read ({error}).") from None
+    except ValueError as error:
+        raise ValueError(f"{path!r}: {error}") from None
+    check_min_size(*image.shape[-2:])
+    return image
 
 
 def check_min_size(height: int, width: int) -> None:

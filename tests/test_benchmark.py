@@ -2,7 +2,6 @@
 with tiny random CLIP and DINO encoders, and the command's output."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,16 +20,16 @@ from ice_ops.benchmark import (
     ClipImageEncoder,
     DinoImageEncoder,
     ItemEmbeddings,
-    add_arguments,
     benchmark_scores,
     composition_prompt,
     compositional_similarity,
     identity_prompt,
     identity_similarity,
-    run,
     run_benchmark,
     top_k_accuracy,
 )
+from ice_ops.__main__ import build_parser
+from ice_ops.__main__ import run_benchmark as run_command
 from ice_ops.composition import expand_prompt
 from ice_ops.concepts import Concept, ConceptSet
 from ice_ops.tokens import placeholder_string
@@ -295,11 +294,10 @@ def test_the_command_prints_one_json_line_and_a_table(tmp_path, clip_encoder, di
     folder = write_batch(str(tmp_path / "out"))
     weights = str(tmp_path / "clip.safetensors")
     save_file({key: value.contiguous() for key, value in clip_encoder.model.state_dict().items()}, weights)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    base = [folder, "--clip-arch", TINY_OPEN_CLIP_CONFIG, "--clip-weights", weights, "--device", "cpu"]
+    parser = build_parser()
+    base = ["benchmark", folder, "--clip-arch", TINY_OPEN_CLIP_CONFIG, "--clip-weights", weights, "--device", "cpu"]
 
-    assert run(parser.parse_args(base + ["--dino", dino_folder])) == 0
+    assert run_command(parser.parse_args(base + ["--dino", dino_folder])) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 1
@@ -315,10 +313,10 @@ def test_the_command_prints_one_json_line_and_a_table(tmp_path, clip_encoder, di
     assert table[2].split()[3] == "-"  # cup's image has no composition
 
     path = str(tmp_path / "table.txt")
-    assert run(parser.parse_args(base + ["--table", path])) == 0
+    assert run_command(parser.parse_args(base + ["--table", path])) == 0
     out, err = capsys.readouterr()
     assert err == "" and json.loads(out)["images"] == 2
     assert open(path).read().splitlines()[0].split()[:3] == ["item", "concept", "sim_i_clip"]
     # An existing table is refused before any work (here the folder does not even exist).
     with pytest.raises(ValueError, match="already exists"):
-        run(parser.parse_args([str(tmp_path / "absent")] + base[1:] + ["--table", path]))
+        run_command(parser.parse_args(["benchmark", str(tmp_path / "absent")] + base[2:] + ["--table", path]))

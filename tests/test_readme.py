@@ -51,3 +51,28 @@ def test_readme_python_example_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "found: [" in result.stdout and "found: []" not in result.stdout
     assert (tmp_path / "toy_concepts.safetensors").is_file()
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every ``python -m ice_ops`` and ``torchrun ... -m ice_ops`` line of the README."""
+    import re
+    import shlex
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    commands = []
+    for line in lines:
+        match = re.match(r"^(?:python|torchrun .*?) -m ice_ops (.*)$", line.split("  #")[0].strip())
+        if match:
+            commands.append(shlex.split(match.group(1)))
+    return commands
+
+
+def test_every_command_line_in_the_readme_parses():
+    from ice_ops.__main__ import build_parser
+
+    commands = readme_commands()
+    assert {"demo", "localize", "learn", "compose", "export", "batch", "benchmark"} <= {
+        next(word for word in arguments if not word.startswith("-")) for arguments in commands}
+    for arguments in commands:
+        build_parser().parse_args(arguments)  # argparse exits on a misspelt option or a missing argument
