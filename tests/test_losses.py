@@ -506,3 +506,59 @@ def test_offset_noise_adds_a_per_channel_shift():
     plain = offset_noise(latents, 0.0, torch.Generator().manual_seed(16)).float()
     assert plain.mean(dim=(2, 3)).std().item() == pytest.approx(1 / 64, rel=0.15)
     assert plain.std().item() == pytest.approx(1.0, rel=0.01)
+
+
+# ---------------------------------------------------------------------- what mutation testing found untested
+def test_offset_noise_is_standard_noise_plus_offset_times_a_channel_shift_from_the_same_generator():
+    latents = torch.zeros(2, 4, 8, 8)
+    noise = offset_noise(latents, 0.25, torch.Generator().manual_seed(3))
+    again = offset_noise(latents, 0.25, torch.Generator().manual_seed(3))
+    assert torch.equal(noise, again)  # the generator decides every draw: a training run can be repeated
+    generator = torch.Generator().manual_seed(3)
+    plain = torch.randn(latents.shape, generator=generator)
+    shift = torch.randn((2, 4, 1, 1), generator=generator)
+    assert torch.allclose(noise, plain + 0.25 * shift)
+
+
+def test_timestep_weights_and_draws_accept_their_extreme_values():
+    assert timestep_weights(1).tolist() == [1.0]  # one training step: it is always drawn
+    for t_dist in (-1.0, 1.0):  # the weights stay non-negative up to the ends
+        assert (timestep_weights(10, t_dist) >= 0).all()
+    with pytest.raises(ValueError, match="t_dist"):
+        timestep_weights(10, 1.01)
+    assert sample_timesteps(timestep_weights(10), 1).shape == (1,)
+
+
+@pytest.mark.parametrize("prediction, target, mask", [
+    ((2, 4, 8, 8), (2, 4, 8, 9), (2, 1, 8, 8)),  # prediction and target differ
+    ((2, 4, 8, 8), (2, 4, 8, 8), (2, 2, 8, 8)),  # a mask with two channels
+    ((2, 4, 8, 8), (2, 4, 8, 8), (3, 1, 8, 8)),  # a mask batch that is neither 1 nor the latents'
+    ((2, 4, 8, 8), (2, 4, 8, 8), (2, 8, 8)),  # a mask without its channel
+])
+def test_masked_loss_refuses_shapes_that_do_not_match(prediction, target, mask):
+    with pytest.raises(ValueError, match="must"):
+        masked_diffusion_loss(torch.zeros(prediction), torch.zeros(target), torch.ones(mask))
+
+
+def test_attention_alignment_refuses_negative_attention_even_with_a_valid_mask():
+    attention = torch.rand(1, 4, 4)
+    attention[0, 0, 0] = -0.1
+    with pytest.raises(ValueError, match="non-negative"):
+        attention_alignment_loss(attention, torch.rand(1, 4, 4))
+
+
+def test_triplets_refuse_embeddings_of_other_shapes():
+    anchors = torch.randn(2, 8)
+    margins, object_margins = anchor_margins(anchors, torch.randn(8))
+    with pytest.raises(ValueError, match="K, D"):
+        anchor_margins(torch.randn(8))
+    with pytest.raises(ValueError, match="object embedding"):
+        anchor_margins(anchors, torch.randn(7))
+    with pytest.raises(ValueError, match="K, D"):
+        intrinsic_triplet(anchors, torch.randn(3, 8), margins, torch.randn(8), torch.randn(8), object_margins)
+    with pytest.raises(ValueError):
+        intrinsic_triplet(anchors, torch.randn(2, 8), margins[:1], torch.randn(8), torch.randn(8), object_margins)
+    with pytest.raises(ValueError, match="object word and object token"):
+        intrinsic_triplet(anchors, torch.randn(2, 8), margins, torch.randn(8), torch.randn(7), object_margins)
+    with pytest.raises(ValueError, match="last dimension"):
+        object_instance_triplet(torch.randn(8), torch.randn(7), torch.randn(8))
