@@ -55,7 +55,7 @@ SUMMARY_NAME = "summary.jsonl"
 INDEX_NAME = "index.html"
 PARTIAL_PREFIX, PARTIAL_SUFFIX = ".", ".partial"  # an unfinished image's folder: hidden, never read as a result
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
-UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]+")  # what concept-set exports accept in a prefix
 FALLBACK_ITEM_NAME = "image"
 INDEX_SAMPLES = 4  # generations per concept shown on the page (all are on disk)
 # How long a rank waits at the end for the others: a shard can take hours on a slow GPU.
@@ -135,13 +135,18 @@ def list_images(source: str) -> list[str]:
 
 
 def item_names(paths: Sequence[str]) -> list[str]:
-    """One output folder name per image: its file name without extension, with characters other than
-    letters, digits, ``.``, ``_`` and ``-`` replaced; a name already taken gets ``_2``, ``_3`` ..."""
+    """One output folder name per image, also the prefix of its embedding files: its file name without
+    extension, with runs of characters other than letters, digits, ``_`` and ``-`` replaced by ``_``; a name
+    Windows reserves gets ``_image`` added, and a name already taken ``_2``, ``_3`` ..."""
+    from .concepts import WINDOWS_RESERVED_NAMES
+
     names: list[str] = []
     taken: set[str] = set()
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
-        base = UNSAFE_NAME_CHARACTERS.sub("_", stem).lstrip(".") or FALLBACK_ITEM_NAME
+        base = UNSAFE_NAME_CHARACTERS.sub("_", stem).strip("_") or FALLBACK_ITEM_NAME
+        if base.lower() in WINDOWS_RESERVED_NAMES:
+            base = f"{base}_{FALLBACK_ITEM_NAME}"
         name, number = base, 1
         while name.lower() in taken:  # case-insensitive file systems would merge "A" and "a"
             number += 1

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from ice_ops import batch
+from ice_ops.concepts import sanitize_name
 from ice_ops.imaging import tensor_to_pil
 from ice_ops.toyworld import embedded_weights_present
 from ice_ops.toyworld.scenes import held_out_seed, make_scene
@@ -71,8 +72,11 @@ def test_sources_without_images_are_refused_with_what_to_give(tmp_path, content,
 
 
 def test_every_image_gets_its_own_folder_name():
-    names = batch.item_names(["/a/cat.png", "/b/cat.jpg", "/c/Cat.png", "/d/my photo (1).png", "/e/..."])
-    assert names == ["cat", "cat_2", "Cat_3", "my_photo_1_", batch.FALLBACK_ITEM_NAME]
+    paths = ["/a/cat.png", "/b/cat.jpg", "/c/Cat.png", "/d/my photo (1).png", "/e/...", "/f/a..b.png", "/g/CON.png"]
+    names = batch.item_names(paths)
+    assert names == ["cat", "cat_2", "Cat_3", "my_photo_1", batch.FALLBACK_ITEM_NAME, "a_b", "CON_image"]
+    for name in names:  # every name is also a valid prefix of the image's embedding files
+        assert sanitize_name(name) == name
 
 
 def test_shards_cover_every_image_once():
