@@ -109,16 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     lrn.add_argument("concepts", help="concept-set file written by 'localize'")
     lrn.add_argument("--image", required=True, help="the same image that was localized")
     _model_arguments(lrn)
-    lrn.add_argument("--object-steps", type=int, default=defaults.DEFAULT_STEPS,
-                     help=f"phase-one steps (default {defaults.DEFAULT_STEPS})")
-    lrn.add_argument("--intrinsic-steps", type=int, default=defaults.DEFAULT_STEPS,
-                     help=f"phase-two steps (default {defaults.DEFAULT_STEPS}; 0 skips phase two)")
-    lrn.add_argument("--anchors", default=",".join(defaults.DEFAULT_ANCHORS),
-                     help=f"comma-separated intrinsic anchors (default {','.join(defaults.DEFAULT_ANCHORS)})")
-    lrn.add_argument("--refine-steps", type=int, default=0,
-                     help="optional LoRA refinement steps on the UNet after phase two (default 0 = off)")
-    lrn.add_argument("--lr", type=float, default=defaults.DEFAULT_LR,
-                     help=f"learning rate of the token vectors (default {defaults.DEFAULT_LR})")
+    _learning_arguments(lrn, defaults)
     lrn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     lrn.add_argument("--out", required=True, help="where to write the learned concept set (.safetensors)")
     lrn.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -201,15 +192,7 @@ def _batch_parser(commands, defaults) -> None:
                      help=f"default {defaults.DIFFSEG} ({defaults.CROSS_ATTENTION} with --model {TOYWORLD_MODEL})")
     bat.add_argument("--min-contrast", type=float, default=None,
                      help="cross-attention stop rule (default off; calibrated value with the Toy World model)")
-    bat.add_argument("--object-steps", type=int, default=defaults.DEFAULT_STEPS,
-                     help=f"steps of Stage Two phase one (default {defaults.DEFAULT_STEPS})")
-    bat.add_argument("--intrinsic-steps", type=int, default=defaults.DEFAULT_STEPS,
-                     help=f"steps of phase two, 0 to skip (default {defaults.DEFAULT_STEPS})")
-    bat.add_argument("--anchors", default=",".join(defaults.DEFAULT_ANCHORS),
-                     help=f"intrinsic attributes to learn (default {','.join(defaults.DEFAULT_ANCHORS)})")
-    bat.add_argument("--refine-steps", type=int, default=0, help="LoRA refinement steps after phase two (default 0)")
-    bat.add_argument("--lr", type=float, default=defaults.DEFAULT_LR,
-                     help=f"learning rate (default {defaults.DEFAULT_LR})")
+    _learning_arguments(bat, defaults)
     bat.add_argument("--seed", type=int, default=0, help="random seed of every stage (default 0)")
     bat.add_argument("--samples", type=int, default=None,
                      help="generations per concept (default: the UCE benchmark's number; 0 for none)")
@@ -221,6 +204,20 @@ def _batch_parser(commands, defaults) -> None:
                      help=f"classifier-free guidance (default {defaults.DEFAULT_GUIDANCE})")
     bat.add_argument("--out", required=True, help="output folder (created; finished images in it are skipped)")
     bat.set_defaults(handler=run_batch)
+
+
+def _learning_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """Stage Two's options, the same for `learn` and `batch`."""
+    parser.add_argument("--object-steps", type=int, default=defaults.DEFAULT_STEPS,
+                        help=f"phase-one steps (default {defaults.DEFAULT_STEPS})")
+    parser.add_argument("--intrinsic-steps", type=int, default=defaults.DEFAULT_STEPS,
+                        help=f"phase-two steps (default {defaults.DEFAULT_STEPS}; 0 skips phase two)")
+    parser.add_argument("--anchors", default=",".join(defaults.DEFAULT_ANCHORS),
+                        help=f"comma-separated intrinsic anchors (default {','.join(defaults.DEFAULT_ANCHORS)})")
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="optional LoRA refinement steps on the UNet after phase two (default 0 = off)")
+    parser.add_argument("--lr", type=float, default=defaults.DEFAULT_LR,
+                        help=f"learning rate of the token vectors (default {defaults.DEFAULT_LR})")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,18 +287,14 @@ def stale_masks(folder: str, outputs) -> list[str]:
 
 
 def run_learn(args) -> int:
+    from .batch import check_stage_two_steps
     from .concepts import ConceptSet
     from .learn import check_intrinsic_arguments, learn_intrinsic_tokens, learn_object_tokens
 
     concepts = ConceptSet.load(args.concepts)
     image = load_image(args.image)
     concepts.validate(tuple(image.shape[-2:]))
-    if args.object_steps < 1:
-        raise ValueError(f"--object-steps must be at least 1, got {args.object_steps}.")
-    if args.intrinsic_steps < 0:
-        raise ValueError("--intrinsic-steps must be 0 (skip phase two) or more.")
-    if args.refine_steps and not args.intrinsic_steps:
-        raise ValueError("--refine-steps needs phase two: give --intrinsic-steps > 0.")
+    check_stage_two_steps(args.object_steps, args.intrinsic_steps, args.refine_steps)
     if args.intrinsic_steps:
         check_intrinsic_arguments(concepts, args.anchors, steps=args.intrinsic_steps, refine_steps=args.refine_steps,
                                   lr=args.lr)

@@ -85,12 +85,7 @@ class BatchSettings:
         from .benchmark import COMPOSITION_SAMPLES, SAMPLES_PER_CONCEPT
         from .learn import normalise_anchors
 
-        if self.object_steps < 1:
-            raise ValueError(f"--object-steps must be at least 1, got {self.object_steps}.")
-        if self.intrinsic_steps < 0:
-            raise ValueError("--intrinsic-steps must be 0 (skip phase two) or more.")
-        if self.refine_steps and not self.intrinsic_steps:
-            raise ValueError("--refine-steps needs phase two: give --intrinsic-steps > 0.")
+        check_stage_two_steps(self.object_steps, self.intrinsic_steps, self.refine_steps)
         for label, value in (("--samples", self.samples), ("--composition-samples", self.composition_samples)):
             if value is not None and value < 0:
                 raise ValueError(f"{label} must be 0 (no generations) or more, got {value}.")
@@ -104,6 +99,16 @@ class BatchSettings:
             "composition_samples": COMPOSITION_SAMPLES if self.composition_samples is None
             else self.composition_samples,
         })
+
+
+def check_stage_two_steps(object_steps: int, intrinsic_steps: int, refine_steps: int) -> None:
+    """``ValueError`` for step counts Stage Two cannot run (named as the `learn` and `batch` options)."""
+    if object_steps < 1:
+        raise ValueError(f"--object-steps must be at least 1, got {object_steps}.")
+    if intrinsic_steps < 0:
+        raise ValueError("--intrinsic-steps must be 0 (skip phase two) or more.")
+    if refine_steps and not intrinsic_steps:
+        raise ValueError("--refine-steps needs phase two: give --intrinsic-steps > 0.")
 
 
 # ---------------------------------------------------------------------- what to do

@@ -26,7 +26,7 @@ def scene_file(tmp_path_factory):
 def test_help_explains_every_flag():
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"demo", "localize", "learn", "compose", "export"}
+    assert set(subcommands) == {"demo", "localize", "learn", "compose", "export", "batch", "benchmark"}
     for name, sub in subcommands.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
