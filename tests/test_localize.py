@@ -191,8 +191,17 @@ def test_user_errors(tiny_bundle, tiny_retriever):
         localize(tiny_bundle, tiny_retriever, torch.rand(3, 40, 80))
     with pytest.raises(ValueError, match="stop_fraction"):
         localize(tiny_bundle, tiny_retriever, _image(), stop_fraction=1.5)
+    with pytest.raises(ValueError, match="stop_fraction"):
+        localize(tiny_bundle, tiny_retriever, _image(), stop_fraction=1.0)  # nothing would ever be found
     with pytest.raises(ValueError, match="max_concepts"):
         localize(tiny_bundle, tiny_retriever, _image(), max_concepts=0)
+    for rule in ("min_score", "min_contrast"):
+        with pytest.raises(ValueError, match=rule):
+            localize(tiny_bundle, tiny_retriever, _image(), **{rule: -0.1})
+        with pytest.raises(ValueError, match="black"):  # 0 and fractions are valid values: the image is checked next
+            localize(tiny_bundle, tiny_retriever, torch.zeros(3, 64, 64), **{rule: 0.0})
+        with pytest.raises(ValueError, match="black"):
+            localize(tiny_bundle, tiny_retriever, torch.zeros(3, 64, 64), **{rule: 0.5})
     with pytest.raises(ValueError, match="one word"):
         segment_word(tiny_bundle, _image(), "two words")
     with pytest.raises(ValueError, match="mask"):
@@ -217,8 +226,17 @@ def test_cross_attention_segmentation_explains_only_the_word(tiny_bundle):
 
 
 def test_localize_records_the_segmentation_and_refuses_unknown_ones(tiny_bundle, tiny_retriever):
-    concepts = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, segmentation="cross-attention")
+    concepts = localize(tiny_bundle, tiny_retriever, _image(), max_concepts=2, segmentation="cross-attention",
+                        stop_fraction=0.1, min_contrast=0.5, min_score=0.0, attention_fraction=0.4)
     assert concepts.settings["segmentation"] == "cross-attention"
+    recorded = {key: concepts.settings[key] for key in ("stop_fraction", "max_concepts", "seed", "min_contrast",
+                                                         "min_score", "attention_fraction", "kl_thresholds",
+                                                         "min_instance_fraction")}
+    assert recorded == {"stop_fraction": 0.1, "max_concepts": 2, "seed": 0, "min_contrast": 0.5, "min_score": 0.0,
+                        "attention_fraction": 0.4, "kl_thresholds": list(localize_module.DEFAULT_KL_THRESHOLDS),
+                        "min_instance_fraction": localize_module.MIN_INSTANCE_FRACTION}
+    for concept in concepts.concepts:  # every concept keeps its retrieved word and its score
+        assert concept.word in concepts.settings["retrieved_words"] and isinstance(concept.score, float)
     assert len(concepts) >= 1 and float(concepts.masks().sum(0).max()) <= 1.0
     with pytest.raises(ValueError, match="diffseg, cross-attention"):
         localize(tiny_bundle, tiny_retriever, _image(), segmentation="kmeans")
