@@ -2,6 +2,8 @@
 a bad image reported without stopping the rest, and the same command sharded over two gloo ranks."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -11,6 +13,7 @@ import sys
 import pytest
 
 from ice_ops import batch
+from ice_ops.__main__ import main
 from ice_ops.concepts import sanitize_name
 from ice_ops.imaging import tensor_to_pil
 from ice_ops.toyworld import embedded_weights_present
@@ -37,6 +40,17 @@ def write_scenes(folder, count: int, first: int = 0) -> list[str]:
 def run_cli(*args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     command = (launcher or [sys.executable]) + ["-m", "ice_ops", "--quiet", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=DISTRIBUTED_TIMEOUT_S)
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The command through ``ice_ops.__main__.main`` in this process (no second import of the model libraries)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(["--quiet", *args])
+        except SystemExit as stop:  # argparse and user errors exit through parser.exit
+            status = stop.code
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
 
 
 def read_summary(out) -> list[dict]:
@@ -141,7 +155,7 @@ def toyworld_run(tmp_path_factory):
     source, out = base / "in", base / "out"
     write_scenes(source, 3)
     (source / "scene_9_damaged.png").write_bytes(b"not a png")
-    first = run_cli("batch", str(source), "--model", "toyworld", "--out", str(out), *FAST)
+    first = run_in_process("batch", str(source), "--model", "toyworld", "--out", str(out), *FAST)
     return source, out, first
 
 
@@ -195,7 +209,7 @@ def test_a_rerun_skips_finished_images_and_finishes_one_cut_off_by_a_kill(toywor
     cut_off = out / (batch.PARTIAL_PREFIX + rows[0]["item"] + batch.PARTIAL_SUFFIX)
     os.rename(out / rows[0]["item"], cut_off)
     (cut_off / batch.RECORD_NAME).unlink()
-    again = run_cli("batch", str(source), "--model", "toyworld", "--out", str(out), *FAST)
+    again = run_in_process("batch", str(source), "--model", "toyworld", "--out", str(out), *FAST)
     assert again.returncode == 1
     assert [row["status"] for row in read_summary(out)] == ["done", "skipped", "skipped", "failed"]
     assert (out / rows[0]["item"] / batch.RECORD_NAME).is_file() and not cut_off.exists()
