@@ -8,9 +8,8 @@ import os
 import sys
 from typing import Sequence
 
-CONCEPT_SET_NAME = "concepts.safetensors"  # what `localize` writes into --out
-OVERLAY_NAME = "overlay.png"
-MASK_PATTERN = "mask_{}.png"
+from .batch import CONCEPT_SET_NAME, MASK_PATTERN, OVERLAY_NAME  # what `localize` writes into --out
+
 MODEL_LIBRARIES = ("diffusers", "transformers")  # libraries that log notices and draw loading bars of their own
 USER_ERROR_STATUS = 2  # argparse's own status for bad arguments
 SYSTEM_ERROR_STATUS = 1
@@ -268,14 +267,9 @@ def run_localize(args) -> int:
 
 def localization_outputs(folder: str, image, concepts) -> dict[str, bytes]:
     """``{path: bytes}`` of what ``localize`` writes: a PNG per mask, the labelled overlay, the concept set."""
-    from .imaging import labelled_overlay, mask_to_pil, tensor_to_pil
+    from .batch import localization_files
 
-    outputs = {os.path.join(folder, MASK_PATTERN.format(concept.name)): _png_bytes(mask_to_pil(concept.mask))
-               for concept in concepts.concepts}
-    overlay = labelled_overlay(image, concepts.masks(), concepts.names)
-    outputs[os.path.join(folder, OVERLAY_NAME)] = _png_bytes(tensor_to_pil(overlay))
-    outputs[os.path.join(folder, CONCEPT_SET_NAME)] = concepts.to_bytes()
-    return outputs
+    return {os.path.join(folder, name): payload for name, payload in localization_files(image, concepts).items()}
 
 
 def stale_masks(folder: str, outputs) -> list[str]:
@@ -338,7 +332,7 @@ def run_compose(args) -> int:
 
 
 def run_batch(args) -> int:
-    from .batch import FAILED, BatchSettings, World, count_statuses, list_images
+    from .batch import DONE, FAILED, INDEX_NAME, SKIPPED, SUMMARY_NAME, BatchSettings, World, count_statuses, list_images
     from .batch import run_batch as run
 
     paths = list_images(args.source)
@@ -370,9 +364,9 @@ def run_batch(args) -> int:
     for row in rows:
         if row["status"] == FAILED:
             sys.stderr.write(f"failed: {row['image']}: {row['error']}\n")
-    sys.stdout.write(f"{len(rows)} images: {counts['done']} done, {counts['skipped']} finished earlier, "
-                     f"{counts[FAILED]} failed\nwrote: {os.path.join(args.out, 'summary.jsonl')} and "
-                     f"{os.path.join(args.out, 'index.html')}\n")
+    sys.stdout.write(f"{len(rows)} images: {counts[DONE]} done, {counts[SKIPPED]} finished earlier, "
+                     f"{counts[FAILED]} failed\nwrote: {os.path.join(args.out, SUMMARY_NAME)} and "
+                     f"{os.path.join(args.out, INDEX_NAME)}\n")
     return SYSTEM_ERROR_STATUS if counts[FAILED] else 0
 
 
@@ -480,18 +474,11 @@ def _refuse_existing_outputs(folder: str, names: Sequence[str], overwrite: bool)
     refuse_existing([os.path.join(folder, name) for name in names], overwrite)
 
 
-def _png_bytes(picture) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _save_png(picture, path: str, overwrite: bool) -> str:
     from .files import write_bytes_atomic
+    from .imaging import png_bytes
 
-    return write_bytes_atomic(path, _png_bytes(picture), overwrite=overwrite)
+    return write_bytes_atomic(path, png_bytes(picture), overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import io
 import json
 import os
 import re
@@ -180,7 +179,7 @@ def process_image(bundle, retriever, image, settings: BatchSettings, item: str) 
     """Everything the batch writes for one image but its record, as ``({relative path: bytes}, learned concept
     set)``; nothing is written here. ``item`` prefixes the embedding files' names."""
     from .benchmark import composition_prompt, identity_prompt
-    from .imaging import labelled_overlay, mask_to_pil, tensor_to_pil
+    from .imaging import png_bytes, tensor_to_pil
     from .learn import learn_intrinsic_tokens, learn_object_tokens
     from .localization import localize
 
@@ -192,12 +191,7 @@ def process_image(bundle, retriever, image, settings: BatchSettings, item: str) 
             concepts = learn_intrinsic_tokens(bundle, image, concepts, anchors=settings.anchors,
                                               steps=settings.intrinsic_steps, refine_steps=settings.refine_steps,
                                               lr=settings.lr, seed=settings.seed)
-    files = {
-        SOURCE_NAME: png_bytes(tensor_to_pil(image)),
-        OVERLAY_NAME: png_bytes(tensor_to_pil(labelled_overlay(image, concepts.masks(), concepts.names))),
-        CONCEPT_SET_NAME: concepts.to_bytes(),
-    }
-    files.update({MASK_PATTERN.format(c.name): png_bytes(mask_to_pil(c.mask)) for c in concepts.concepts})
+    files = {SOURCE_NAME: png_bytes(tensor_to_pil(image)), **localization_files(image, concepts)}
     files.update({os.path.join(EMBEDDINGS_FOLDER, os.path.basename(path)): payload
                   for path, payload in concepts.embedding_files(EMBEDDINGS_FOLDER, item).items()})
     if concepts.lora:
@@ -213,12 +207,23 @@ def process_image(bundle, retriever, image, settings: BatchSettings, item: str) 
     return files, concepts
 
 
+def localization_files(image, concepts) -> dict[str, bytes]:
+    """``{file name: bytes}`` of what Stage One leaves for the user (also ``python -m ice_ops localize``): a PNG per
+    mask, the labelled overlay and the concept set."""
+    from .imaging import labelled_overlay, mask_to_pil, png_bytes, tensor_to_pil
+
+    files = {MASK_PATTERN.format(c.name): png_bytes(mask_to_pil(c.mask)) for c in concepts.concepts}
+    files[OVERLAY_NAME] = png_bytes(tensor_to_pil(labelled_overlay(image, concepts.masks(), concepts.names)))
+    files[CONCEPT_SET_NAME] = concepts.to_bytes()
+    return files
+
+
 def generate_samples(bundle, concepts, prompts: dict[str, tuple[str, int]], settings: BatchSettings
                      ) -> dict[str, bytes]:
     """``{relative path: PNG}`` of one generation per ``(prompt, k)``; sample ``k`` uses seed ``seed + k``, so the
     same concept and sample number give the same image in every run."""
     from .composition import compose, generate
-    from .imaging import tensor_to_pil
+    from .imaging import png_bytes, tensor_to_pil
     from .lora import apply_lora
 
     encoded: dict[str, Any] = {}
@@ -406,12 +411,6 @@ def image_section(out: str, row: dict) -> str:
 def figure(item: str, relative: str, caption: str) -> str:
     link = quote(f"{item}/{relative.replace(os.sep, '/')}")
     return f'<figure><img src="{link}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-
-
-def png_bytes(picture) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------- ranks

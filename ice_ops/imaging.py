@@ -366,6 +366,15 @@ def tensor_to_pil(image: torch.Tensor):
     return Image.fromarray(array)
 
 
+def png_bytes(picture) -> bytes:
+    """A PIL image as the bytes of a PNG file."""
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def mask_to_pil(mask: torch.Tensor):
     from PIL import Image
 
