@@ -93,6 +93,13 @@ def _check_batch(existing: torch.Tensor, batch: int, grid: Grid) -> None:
 
 
 @dataclass
+class _QueryChunk:
+    """Queries per self-attention chunk, shared by a capture's layers (it shrinks when memory runs out)."""
+
+    size: int
+
+
+@dataclass
 class _LatentSize:
     """The (H, W) of the latent of the UNet call in progress, written by the UNet's forward pre-hook."""
 
@@ -159,14 +166,14 @@ class _CaptureProcessor:
         record_self: bool,
         cross_positions: list[int] | None,
         keep_graph: bool,
-        query_chunk: int,
+        query_chunk: "_QueryChunk",
     ) -> None:
         self.store = store
         self.latent = latent
         self.record_self = record_self
         self.cross_positions = cross_positions
         self.keep_graph = keep_graph
-        self.query_chunk = query_chunk
+        self.chunk = query_chunk
 
     def __call__(
         self,
@@ -237,20 +244,29 @@ class _CaptureProcessor:
         return grid_for_queries(self.latent.hw, queries)
 
     def _chunked_self_attention(self, attn, query, key, value, bias, grid: Grid) -> torch.Tensor:
+        """Self-attention ``query_chunk`` queries at a time. A chunk that runs out of device memory is tried
+        again at half the size (down to one query), and the capture's later layers keep the smaller size."""
         batch, _, queries, _ = query.shape
         mean_maps, count = self.store._begin_self_layer(grid, batch, queries, query.device)
         keys_t = key.float().transpose(-1, -2)
         outputs = []
-        for start in range(0, queries, self.query_chunk):
-            stop = min(start + self.query_chunk, queries)
-            scores = torch.matmul(query[:, :, start:stop].float(), keys_t) * attn.scale
-            if bias is not None:
-                scores = scores + (bias if bias.shape[2] == 1 else bias[:, :, start:stop])
-            probs = scores.softmax(dim=-1)
+        start = 0
+        while start < queries:
+            stop = min(start + self.chunk.size, queries)
+            try:
+                probs, output = _attend_rows(query[:, :, start:stop], keys_t, value, attn.scale,
+                                             bias if bias is None or bias.shape[2] == 1 else bias[:, :, start:stop])
+            except torch.OutOfMemoryError:
+                if self.chunk.size == 1:
+                    raise
+                self.chunk.size = smaller_chunk(self.chunk.size)
+                _release_cached_memory(query.device)
+                continue
             with torch.no_grad():
                 rows = mean_maps[:, start:stop]
                 rows.add_(probs.detach().mean(dim=1).sub_(rows).div_(count))
-            outputs.append(torch.matmul(probs.to(value.dtype), value))
+            outputs.append(output)
+            start = stop
         return torch.cat(outputs, dim=2)
 
     def _cross_attention(self, attn, query, key, value, bias, grid: Grid) -> torch.Tensor:
@@ -268,6 +284,25 @@ class _CaptureProcessor:
         chosen = probs.mean(dim=1)[..., self.cross_positions]
         self.store._add_cross_layer(grid, chosen if self.keep_graph else chosen.detach())
         return torch.matmul(probs.to(value.dtype), value)
+
+
+def _attend_rows(query_rows, keys_t, value, scale: float, bias):
+    """(probabilities in fp32, their output ``probs @ V``) for a block of query rows."""
+    scores = torch.matmul(query_rows.float(), keys_t) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1)
+    return probs, torch.matmul(probs.to(value.dtype), value)
+
+
+def smaller_chunk(chunk: int) -> int:
+    """The query chunk to retry with after running out of memory: half, at least one query."""
+    return max(1, chunk // 2)
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _attention_bias(attn, attention_mask: torch.Tensor | None, keys: int, batch: int) -> torch.Tensor | None:
@@ -357,6 +392,7 @@ def capture_attention(
 
     store = AttentionStore()
     latent = _LatentSize()
+    chunk = _QueryChunk(int(query_chunk))
 
     def remember_latent_size(_module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
@@ -369,7 +405,7 @@ def capture_attention(
             modules[name].set_processor(
                 _CaptureProcessor(
                     store, latent, record_self=record_self, cross_positions=positions,
-                    keep_graph=keep_graph, query_chunk=int(query_chunk),
+                    keep_graph=keep_graph, query_chunk=chunk,
                 )
             )
         yield store
