@@ -70,7 +70,8 @@ def model_configs(kind: str) -> tuple[dict, dict, dict, str]:
 
 
 def build_random_bundle(
-    kind: str = "tiny", *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    kind: str = "tiny", *, seed: int = 0, device: str | torch.device = "cpu",
+    dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
 ) -> DiffusionBundle:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .files import read_safetensors
 from .imaging import resize_image
+
+if TYPE_CHECKING:
+    from .shared_weights import WeightPlan
 
 CONFIG_ROOT = os.path.join(os.path.dirname(__file__), "configs")
 FAMILY_BY_TEXT_WIDTH = {768: "sd1", 1024: "sd2"}
@@ -79,8 +82,8 @@ def scheduler_config(prediction_type: str) -> dict:
 class DiffusionBundle:
     """UNet, VAE, text encoder, tokenizer and training noise scheduler of one SD model.
 
-    ``dtype`` is the compute dtype of the UNet and VAE (fp32 on CPU; fp16/bf16 autocast is used on GPU by
-    the training loop). The text encoder is kept in fp32 when it is trained through.
+    The frozen modules compute in their own dtypes (:func:`frozen_dtypes` by default: fp32 on the CPU, half
+    precision on a GPU); ``dtype`` is the UNet's. What ICE learns (token vectors, LoRA) stays fp32.
     """
 
     unet: Any
@@ -105,9 +108,10 @@ class DiffusionBundle:
         *,
         prediction_type: str | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | dict[str, torch.dtype] | None = None,
     ) -> "DiffusionBundle":
-        """Wrap already-built diffusers/transformers modules (models are put in eval mode and frozen)."""
+        """Wrap already-built diffusers/transformers modules (models are put in eval mode and frozen) and move
+        them to ``device`` in ``dtype`` (one dtype, or one per part; None keeps the modules' own)."""
         from diffusers import DDPMScheduler
 
         width = int(text_encoder.config.hidden_size)
@@ -128,16 +132,16 @@ class DiffusionBundle:
         if prediction != scheduler.config.prediction_type:
             scheduler = DDPMScheduler.from_config({**scheduler.config, "prediction_type": prediction})
         device = torch.device(device) if device is not None else next(unet.parameters()).device
-        dtype = dtype or next(unet.parameters()).dtype
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.eval()
-        bundle = cls(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, family, prediction)
+        bundle = cls(unet, vae, text_encoder, tokenizer, scheduler, device, next(unet.parameters()).dtype, family,
+                     prediction)
         return bundle.to(device, dtype)
 
     @classmethod
     def from_pretrained(
-        cls, folder: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls, folder: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> "DiffusionBundle":
         """Load a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -170,7 +174,8 @@ class DiffusionBundle:
                 raw = DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True)
             scheduler = DDPMScheduler.from_config(raw)
         _check_supported(text_encoder)
-        return cls.from_components(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+        return cls.from_components(unet, vae, text_encoder, tokenizer, scheduler, device=device,
+                                   dtype=dtype or frozen_dtypes(torch.device(device)))
 
     @classmethod
     def from_single_file(
@@ -180,7 +185,7 @@ class DiffusionBundle:
         prediction_type: str | None = None,
         config_dir: str | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> "DiffusionBundle":
         """Load an original-layout SD 1.x / 2.x ``.safetensors`` checkpoint with the shipped configs.
 
@@ -209,7 +214,7 @@ class DiffusionBundle:
         config_dir: str | None = None,
         configs: dict[str, dict] | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         share_tensors: bool = False,
     ) -> "DiffusionBundle":
         """Build a bundle from an original (LDM) state dict, as single files and ComfyUI hold them.
@@ -219,56 +224,83 @@ class DiffusionBundle:
 
         ``configs`` may give the ``unet``, ``vae`` and ``text_encoder`` configs as dicts (e.g. derived from a
         ComfyUI model); parts it leaves out come from ``config_dir`` or the shipped configs."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import (
-            convert_ldm_clip_checkpoint,
-            convert_ldm_unet_checkpoint,
-            convert_ldm_vae_checkpoint,
-            convert_open_clip_checkpoint,
-        )
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         family = detect_family(state)
         prediction = prediction_type or detect_prediction_type(state, family)
-        if prediction not in PREDICTION_TYPES:
-            raise unsupported_model_error(f"prediction type {prediction!r}")
-        given = configs or {}
-        unet_config = dict(given.get("unet") or read_config(family, "unet", config_dir))
-        if family == "sd2" and prediction == "v_prediction" and config_dir is None and "unet" not in given:
-            unet_config["sample_size"] = SD2_V_NATIVE_SAMPLE_SIZE
-        vae_config = dict(given.get("vae") or read_config(family, "vae", config_dir))
-        text_config = dict(given.get("text_encoder") or read_config(family, "text_encoder", config_dir))
+        unet, vae, text_encoder = ldm_modules(state, family, prediction, configs or {}, config_dir, share_tensors)
+        return cls.from_components(
+            unet, vae, text_encoder, ldm_tokenizer(family), ldm_scheduler(prediction), device=device,
+            dtype=dtype or frozen_dtypes(torch.device(device)),
+        )
 
-        unet = _build_and_load(UNet2DConditionModel, unet_config, convert_ldm_unet_checkpoint, state, "UNet",
-                               share_tensors)
-        vae = _build_and_load(AutoencoderKL, vae_config, convert_ldm_vae_checkpoint, state, "VAE", share_tensors)
+    @classmethod
+    def borrowing(
+        cls,
+        state: dict[str, torch.Tensor],
+        sources: dict[str, torch.Tensor],
+        *,
+        prediction_type: str | None = None,
+        configs: dict[str, dict] | None = None,
+    ) -> tuple["DiffusionBundle", dict[str, "WeightPlan"]]:
+        """A bundle whose modules hold no weights: (the bundle on the meta device, a plan per part).
 
-        text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items() if k != "architectures"}))
-        if family == "sd1":
-            text_state = convert_ldm_clip_checkpoint(state)
-        else:
-            text_state = convert_open_clip_checkpoint(text_encoder, state)
-        text_state = _match_text_prefix(text_encoder, text_state)
-        _load_exact(text_encoder, text_state, "text encoder", ignore=("position_ids",))
+        ``state`` is an original (LDM) state dict whose tensors are those of ``sources`` (another framework's
+        loaded modules, by any names) or views of them. Each part's plan says where in ``sources`` its weights
+        lie; :meth:`bind` gives the part the current memory of those sources for a while, :meth:`release`
+        takes it back. Nothing is copied except weights that lie in no source (the plans' ``owned``)."""
+        from .shared_weights import normal_alias, plan_views, release_weights
 
-        from .text import END_OF_TEXT, build_clip_tokenizer
+        state = {key: normal_alias(value) for key, value in state.items()}  # ComfyUI's may be inference tensors
+        family = detect_family(state)
+        prediction = prediction_type or detect_prediction_type(state, family)
+        modules = ldm_modules(state, family, prediction, configs or {}, None, share_tensors=True)
+        plans = {}
+        for part, module in zip(WEIGHT_PARTS, modules):
+            plans[part] = plan_views(module, sources)
+            release_weights(module)
+        bundle = cls.from_components(*modules, ldm_tokenizer(family), ldm_scheduler(prediction))
+        return bundle, plans
 
-        tokenizer = build_clip_tokenizer(pad_token=END_OF_TEXT if family == "sd1" else "!")
-        from diffusers import DDPMScheduler
+    def bind(self, plans: dict[str, "WeightPlan"], sources: dict[str, torch.Tensor], parts: Sequence[str], *,
+             device: torch.device, dtypes: dict[str, torch.dtype]) -> int:
+        """Give ``parts`` of a :meth:`borrowing` bundle the current memory of ``sources`` on ``device`` (each part
+        in ``dtypes[part]``); returns the bytes that had to be copied instead (sources elsewhere or in another
+        dtype, and owned tensors)."""
+        from .shared_weights import bind_weights
 
-        scheduler = DDPMScheduler.from_config(scheduler_config(prediction))
-        return cls.from_components(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+        copied = 0
+        for part in parts:
+            copied += bind_weights(self.part(part), plans[part], sources, device=device, dtype=dtypes[part])
+        self.device = torch.device(device)
+        if "unet" in parts:
+            self.dtype = dtypes["unet"]
+        return copied
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DiffusionBundle":
-        """Move every model (in place) and return self."""
+    def release(self) -> None:
+        """Leave every part of a :meth:`borrowing` bundle without weights again (meta device)."""
+        from .shared_weights import release_weights
+
+        for part in WEIGHT_PARTS:
+            release_weights(self.part(part))
+
+    def part(self, name: str):
+        """The ``unet``, ``vae`` or ``text_encoder`` module."""
+        if name not in WEIGHT_PARTS:
+            raise ValueError(f"Unknown model part {name!r}; choose one of {', '.join(WEIGHT_PARTS)}.")
+        return getattr(self, name)
+
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> "DiffusionBundle":
+        """Move every model (in place) and return self. ``dtype``: one for every part, or one per part name."""
         self.device = torch.device(device) if device is not None else self.device
-        self.dtype = dtype or self.dtype
-        for module in (self.unet, self.vae, self.text_encoder):
+        dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(WEIGHT_PARTS, dtype)
+        for part in WEIGHT_PARTS:
+            module = self.part(part)
             current = next(module.parameters())
             if current.device != self.device:
                 module.to(self.device)
-            if current.dtype != self.dtype:
-                module.to(dtype=self.dtype)
+            if dtypes.get(part) is not None and current.dtype != dtypes[part]:
+                module.to(dtype=dtypes[part])
+        self.dtype = self.unet_dtype
         return self
 
     # ------------------------------------------------------------------ sizes derived from configs
@@ -294,6 +326,15 @@ class DiffusionBundle:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
+    def unet_dtype(self) -> torch.dtype:
+        """What the UNet computes in (its inputs are cast to it)."""
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
     def text_width(self) -> int:
         return int(self.text_encoder.config.hidden_size)
 
@@ -309,7 +350,7 @@ class DiffusionBundle:
     def prepare_image(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``[3, H, W]`` in 0..1 -> ``[1, 3, h, w]`` in -1..1 at ``size`` on the bundle's device."""
         resized = resize_image(image.float(), size)
-        return (resized * 2 - 1)[None].to(self.device, self.dtype)
+        return (resized * 2 - 1)[None].to(self.device, self.vae_dtype)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -320,7 +361,7 @@ class DiffusionBundle:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` latents -> ``[B, 3, H, W]`` images in 0..1."""
-        decoded = self.vae.decode(latents.to(self.device, self.dtype) / self.latent_scaling).sample
+        decoded = self.vae.decode(latents.to(self.device, self.vae_dtype) / self.latent_scaling).sample
         return ((decoded.float() + 1) / 2).clamp(0, 1)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -334,6 +375,82 @@ class DiffusionBundle:
         """Last hidden states ``[B, L, D]`` of the text encoder (the UNet's cross-attention context)."""
         with torch.no_grad():
             return self.text_encoder(self.tokenize(prompts))[0]
+
+
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the frozen UNet is kept and run in: bf16 on CUDA GPUs that support it, fp16 on other CUDA
+    GPUs (half the memory of fp32, and what their tensor cores compute in), fp32 elsewhere (CPU kernels are
+    fastest and exact in fp32)."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def frozen_dtypes(device: torch.device) -> dict[str, torch.dtype]:
+    """The dtype of each frozen part on ``device``: the UNet's :func:`frozen_dtype`; on a GPU the text encoder
+    in fp16 (as ComfyUI keeps it; the fingerprint of concept sets, taken at fp16, then matches exactly) and
+    the VAE in bf16, or fp32 where bf16 is missing (SD VAEs overflow in fp16)."""
+    unet = frozen_dtype(device)
+    if unet == torch.float32:
+        return dict.fromkeys(WEIGHT_PARTS, unet)
+    return {"unet": unet, "text_encoder": torch.float16, "vae": unet if unet == torch.bfloat16 else torch.float32}
+
+
+def ldm_modules(state: dict[str, torch.Tensor], family: str, prediction: str, configs: dict[str, dict],
+                config_dir: str | None, share_tensors: bool):
+    """(UNet, VAE, text encoder) built from an original (LDM) state dict. With ``share_tensors`` the modules
+    hold the state's tensors (or views of them) instead of copies."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if prediction not in PREDICTION_TYPES:
+        raise unsupported_model_error(f"prediction type {prediction!r}")
+    unet_config = dict(configs.get("unet") or read_config(family, "unet", config_dir))
+    if family == "sd2" and prediction == "v_prediction" and config_dir is None and "unet" not in configs:
+        unet_config["sample_size"] = SD2_V_NATIVE_SAMPLE_SIZE
+    vae_config = dict(configs.get("vae") or read_config(family, "vae", config_dir))
+    text_config = dict(configs.get("text_encoder") or read_config(family, "text_encoder", config_dir))
+
+    unet = _build_and_load(UNet2DConditionModel.from_config, unet_config,
+                           lambda checkpoint, model: convert_ldm_unet_checkpoint(checkpoint, model.config), state, "UNet",
+                           share_tensors)
+    vae = _build_and_load(AutoencoderKL.from_config, vae_config,
+                          lambda checkpoint, model: convert_ldm_vae_checkpoint(checkpoint, model.config), state, "VAE",
+                          share_tensors)
+
+    def build_text_encoder(config: dict):
+        return CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+
+    def convert_text(checkpoint: dict, model) -> dict:
+        if family == "sd1":
+            converted = convert_ldm_clip_checkpoint(checkpoint)
+        else:
+            converted = convert_open_clip_checkpoint(model, checkpoint)
+        return _match_text_prefix(model, converted)
+
+    text_encoder = _build_and_load(build_text_encoder, text_config, convert_text, state, "text encoder",
+                                   share_tensors, ignore=("position_ids",))
+    return unet, vae, text_encoder
+
+
+def ldm_tokenizer(family: str):
+    """The CLIP tokenizer of an SD family, built from the shipped vocabulary (SD 2.x pads with "!")."""
+    from .text import END_OF_TEXT, build_clip_tokenizer
+
+    return build_clip_tokenizer(pad_token=END_OF_TEXT if family == "sd1" else "!")
+
+
+def ldm_scheduler(prediction: str):
+    """The training noise scheduler of an SD model with this prediction type."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config(prediction))
 
 
 def downsampling(config) -> int:
@@ -412,20 +529,31 @@ def save_text_encoder(text_encoder, folder: str) -> str:
     return write_atomic(path, lambda temporary: save_file(state, temporary, metadata={"format": "pt"}), overwrite=True)
 
 
-def _build_and_load(model_class, config: dict, convert, state: dict, what: str, share_tensors: bool):
-    """Build a diffusers model on the meta device (no random initialisation of weights that are about to be
-    replaced) and assign the converted checkpoint tensors; fall back to a normal build if anything stays
-    unassigned."""
+def _build_and_load(build, config: dict, convert, state: dict, what: str, share_tensors: bool,
+                    ignore: Sequence[str] = ()):
+    """Build a model with ``build(config)`` on the meta device (no random initialisation of weights that are
+    about to be replaced), convert ``state`` for it with ``convert(state, model)`` and assign the tensors.
+    Position ids, which checkpoints need not hold, are counted out; anything else left unassigned falls back
+    to a normal build and a copy."""
     with torch.device("meta"):
-        module = model_class.from_config(config)
-    converted = convert(state, module.config)
+        module = build(config)
+    converted = convert(state, module)
     if not share_tensors:
         converted = {key: value.detach().clone() for key, value in converted.items()}
-    _load_exact(module, converted, what, assign=True)
+    _load_exact(module, converted, what, ignore, assign=True)
+    _fill_position_ids(module)
     if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
-        module = model_class.from_config(config)
-        _load_exact(module, converted, what)
+        module = build(config)
+        _load_exact(module, converted, what, ignore)
     return module
+
+
+def _fill_position_ids(module) -> None:
+    """Give a text encoder's unassigned ``position_ids`` buffers their values, 0 .. n-1."""
+    for owner in module.modules():
+        ids = owner._buffers.get("position_ids")
+        if ids is not None and ids.is_meta:
+            owner._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand(ids.shape).to(ids.dtype)
 
 
 def _load_exact(

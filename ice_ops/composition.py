@@ -199,12 +199,12 @@ def generate(
 
     guided = guidance != 1.0  # at guidance 1 the unconditional branch cancels out exactly
     context = torch.cat([cond.negative_hidden_states, cond.hidden_states]) if guided else cond.hidden_states
-    context = context.to(bundle.device, bundle.dtype)
+    context = context.to(bundle.device, bundle.unet_dtype)
     total = len(sampler.timesteps)
     with torch.no_grad():
         for step, timestep in enumerate(sampler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
-            model_input = sampler.scale_model_input(model_input, timestep).to(bundle.dtype)
+            model_input = sampler.scale_model_input(model_input, timestep).to(bundle.unet_dtype)
             prediction = bundle.unet(model_input, timestep, encoder_hidden_states=context).sample.float()
             if guided:
                 unconditional, conditional = prediction.chunk(2)

@@ -166,8 +166,8 @@ def _attend(bundle, working: torch.Tensor, words: Sequence[str], *, record_self:
     columns = [position for group in word_token_positions(bundle.tokenizer, words) for position in group]
     step = timestep if timestep is not None else int(round(SEGMENT_TIMESTEP_FRACTION * bundle.num_train_timesteps))
     with torch.no_grad():
-        latent = bundle.encode_image(working, size)
-        context = bundle.text_encoder(bundle.tokenize([" ".join(words)]))[0]
+        latent = bundle.encode_image(working, size).to(bundle.unet_dtype)
+        context = bundle.text_encoder(bundle.tokenize([" ".join(words)]))[0].to(bundle.unet_dtype)
         with capture_attention(bundle.unet, record_self=record_self, cross_positions=columns) as store:
             bundle.unet(latent, torch.tensor([step], device=bundle.device), encoder_hidden_states=context)
         self_maps = {grid: maps[0].float().cpu() for grid, maps in store.self_maps.items()}

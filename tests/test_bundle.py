@@ -533,3 +533,20 @@ def test_text_encoders_are_saved_in_the_layout_transformers_4_and_5_both_read(tm
     loaded = CLIPTextModel.from_pretrained(str(tmp_path / "text_encoder"), local_files_only=True)
     expected = tiny_bundle.text_encoder.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items() if "position_ids" not in key)
+
+
+def test_frozen_parts_are_fp32_on_the_cpu_half_on_a_gpu_and_never_require_gradients(tiny_diffusers_folder, monkeypatch):
+    from ice_ops.bundle import frozen_dtypes
+
+    bundle = DiffusionBundle.from_pretrained(tiny_diffusers_folder)
+    for part in ("unet", "vae", "text_encoder"):
+        assert {p.dtype for p in bundle.part(part).parameters()} == {torch.float32}
+        assert not any(p.requires_grad for p in bundle.part(part).parameters())
+    assert bundle.dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert frozen_dtypes(torch.device("cuda")) == {"unet": torch.bfloat16, "text_encoder": torch.float16,
+                                                   "vae": torch.bfloat16}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    # SD VAEs overflow in fp16, so a GPU without bf16 keeps the VAE in fp32
+    assert frozen_dtypes(torch.device("cuda")) == {"unet": torch.float16, "text_encoder": torch.float16,
+                                                   "vae": torch.float32}
