@@ -17,6 +17,7 @@ import torch
 
 from . import losses
 from .attention import capture_attention
+from .bundle import frozen_dtype
 from .concepts import ConceptSet, text_encoder_fingerprint
 from .defaults import BASE_ROLES, DEFAULT_ANCHORS, DEFAULT_LR, DEFAULT_STEPS, INSTANCE_ROLE, OBJECT_ROLE, Callback
 from .imaging import resize_image, resize_soft_mask, to_image_tensor, working_size
@@ -31,6 +32,7 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_WEIGHT_DECAY = 1e-2
 ADAM_EPS = 1e-8
 MAX_GRAD_NORM = 1.0
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 TIMESTEP_DENSITY_AMPLITUDE = 0.5  # density 1 - 0.5 cos(pi t / T)
 FLIP_PROBABILITY = 0.5
 # The reference weighs its Wasserstein loss by 1e-5 with a cost in pixel units of a 16x16 grid; our cost is
@@ -320,9 +322,7 @@ def _refine_with_lora(bundle, image, concepts, objective: _Objective, vectors, *
 
 def _train(bundle, image, concepts, objective: _Objective, *, steps, lr, seed, callback, monitor=None, lora=None,
            lora_lr=None, progress_offset=0, progress_total=None) -> dict[str, torch.Tensor]:
-    text, trainable, prompt_tokens, regulariser = (objective.text, objective.trainable, objective.prompt_tokens,
-                                                   objective.regulariser)
-    attention_weight = objective.attention_weight
+    text, trainable = objective.text, objective.trainable
     device = bundle.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     scene = _prepare_scene(bundle, image, concepts)
@@ -336,57 +336,77 @@ def _train(bundle, image, concepts, objective: _Objective, *, steps, lr, seed, c
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
     progress_total = progress_total or steps
     autocast = training_autocast(bundle)
+    scaler = gradient_scaler(autocast)
     last_good = {name: text.vector(name).detach().clone() for name in text.names}
 
     for step in range(steps):
-        index = int(torch.randint(len(concepts), (1,), generator=generator))
-        flip = int(torch.rand((), generator=generator) < FLIP_PROBABILITY)
-        template = PROMPT_TEMPLATES[int(torch.randint(len(PROMPT_TEMPLATES), (1,), generator=generator))]
-        tokens = prompt_tokens(index)
-        prompt = template.format("".join(tokens))
-
-        latent = scene.latent_mean[flip : flip + 1] + scene.latent_std[flip : flip + 1] * _randn(
-            scene.latent_mean[:1], generator
-        )
-        noise = losses.offset_noise(latent, losses.NOISE_OFFSET, generator=generator).to(device)
-        timestep = losses.sample_timesteps(timestep_weights, 1, generator).to(device)
-        noisy = bundle.scheduler.add_noise(latent, noise, timestep)
-        target = losses.diffusion_target(bundle.scheduler, latent, noise, timestep)
-
-        ids = text.tokenize([prompt]).to(device)
-        positions = _token_positions(ids[0], [text.token_id(t) for t in tokens])
-        with autocast:
-            hidden, _ = text.encode(ids)
-            with capture_attention(
-                bundle.unet,
-                record_self=False,
-                cross_positions=positions,
-                downsample_factors={scene.attention_factor},
-                keep_graph=True,
-            ) as store, apply_lora(bundle.unet, lora):
-                prediction = bundle.unet(noisy, timestep, encoder_hidden_states=hidden.to(bundle.dtype)).sample
-        diffusion = losses.masked_diffusion_loss(prediction.float(), target.float(), scene.latent_masks[flip, index : index + 1])
-        attention_map = _concept_attention(store, scene.attention_masks.shape[-2:])
-        alignment = losses.attention_alignment_loss(attention_map, scene.attention_masks[flip, index : index + 1])
-        regularisation = regulariser(index)
-        loss = diffusion + attention_weight * alignment + regularisation
-
-        if not torch.isfinite(loss):
-            raise _diverged(step, steps, f"the loss became {float(loss.detach())}", concepts, last_good, bundle)
-        cancel_point(callback)  # the forward pass is done; the backward pass takes as long again
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-        if not torch.isfinite(gradient_norm):
-            raise _diverged(step, steps, "the gradients became NaN or infinite", concepts, last_good, bundle)
-        optimizer.step()
+        try:
+            report, problem = _step(bundle, scene, objective, concepts, optimizer, scaler, autocast, parameters,
+                                    lora, timestep_weights, generator, callback)
+        except torch.OutOfMemoryError:
+            raise out_of_memory_error(step, steps, device) from None
+        if problem is not None:
+            raise _diverged(step, steps, problem, concepts, last_good, bundle)
         last_good = {name: text.vector(name).detach().clone() for name in text.names}
         if monitor is not None:
-            monitor(step + 1, {"loss": float(loss.detach()), "diffusion": float(diffusion.detach()),
-                               "attention": float(alignment.detach()), "regulariser": float(regularisation.detach())})
+            monitor(step + 1, report)
         if callback is not None:
             callback(progress_offset + step + 1, progress_total, None)
     return last_good
+
+
+def _step(bundle, scene, objective, concepts, optimizer, scaler, autocast, parameters, lora, timestep_weights,
+          generator, callback) -> tuple[dict, str | None]:
+    """One optimisation step on a randomly drawn concept, template, flip, noise and timestep: (the losses,
+    what became NaN or infinite, or None). With loss scaling, a step whose gradients overflowed is skipped."""
+    text, prompt_tokens, regulariser = objective.text, objective.prompt_tokens, objective.regulariser
+    device = bundle.device
+    index = int(torch.randint(len(concepts), (1,), generator=generator))
+    flip = int(torch.rand((), generator=generator) < FLIP_PROBABILITY)
+    template = PROMPT_TEMPLATES[int(torch.randint(len(PROMPT_TEMPLATES), (1,), generator=generator))]
+    tokens = prompt_tokens(index)
+    prompt = template.format("".join(tokens))
+
+    latent = scene.latent_mean[flip : flip + 1] + scene.latent_std[flip : flip + 1] * _randn(
+        scene.latent_mean[:1], generator
+    )
+    noise = losses.offset_noise(latent, losses.NOISE_OFFSET, generator=generator).to(device)
+    timestep = losses.sample_timesteps(timestep_weights, 1, generator).to(device)
+    noisy = bundle.scheduler.add_noise(latent, noise, timestep)
+    target = losses.diffusion_target(bundle.scheduler, latent, noise, timestep)
+
+    ids = text.tokenize([prompt]).to(device)
+    positions = _token_positions(ids[0], [text.token_id(t) for t in tokens])
+    with autocast:
+        hidden, _ = text.encode(ids)
+        with capture_attention(
+            bundle.unet,
+            record_self=False,
+            cross_positions=positions,
+            downsample_factors={scene.attention_factor},
+            keep_graph=True,
+        ) as store, apply_lora(bundle.unet, lora):
+            prediction = bundle.unet(noisy.to(bundle.unet_dtype), timestep,
+                                     encoder_hidden_states=hidden.to(bundle.unet_dtype)).sample
+    diffusion = losses.masked_diffusion_loss(prediction.float(), target.float(), scene.latent_masks[flip, index : index + 1])
+    attention_map = _concept_attention(store, scene.attention_masks.shape[-2:])
+    alignment = losses.attention_alignment_loss(attention_map, scene.attention_masks[flip, index : index + 1])
+    regularisation = regulariser(index)
+    loss = diffusion + objective.attention_weight * alignment + regularisation
+    report = {"loss": float(loss.detach()), "diffusion": float(diffusion.detach()),
+              "attention": float(alignment.detach()), "regulariser": float(regularisation.detach())}
+    if not torch.isfinite(loss):
+        return report, f"the loss became {report['loss']}"
+    cancel_point(callback)  # the forward pass is done; the backward pass takes as long again
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+    if not torch.isfinite(gradient_norm) and not scaler.is_enabled():
+        return report, "the gradients became NaN or infinite"
+    scaler.step(optimizer)
+    scaler.update()
+    return report, None
 
 
 def _diverged(step, steps, what, concepts, last_good, bundle) -> TrainingDiverged:
@@ -403,7 +423,7 @@ def _prepare_scene(bundle, image, concepts) -> _Scene:
     working = resize_image(image, size)
     pair = torch.stack([working, working.flip(-1)])
     with torch.no_grad():
-        posterior = bundle.vae.encode((pair * 2 - 1).to(bundle.device, bundle.dtype)).latent_dist
+        posterior = bundle.vae.encode((pair * 2 - 1).to(bundle.device, bundle.vae_dtype)).latent_dist
     mean = posterior.mean.float() * bundle.latent_scaling
     std = posterior.std.float() * bundle.latent_scaling
     latent_size = tuple(mean.shape[-2:])
@@ -461,12 +481,31 @@ def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def training_autocast(bundle):
-    """The precision learning runs the frozen models in: bf16 autocast on GPUs that support it, fp16 on other
-    GPUs, none on the CPU (benchmarks time a bare UNet step under the same context)."""
-    if bundle.device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+    """The precision learning runs the frozen models in: autocast to the UNet's own half dtype when it is
+    kept in bf16 or fp16 (so no weight is cast at each step); on a GPU with an fp32 UNet, autocast to the
+    GPU's :func:`~ice_ops.bundle.frozen_dtype`; none for an fp32 UNet on the CPU (benchmarks time a bare UNet
+    step under the same context)."""
+    device_type = bundle.device.type
+    if bundle.unet_dtype in HALF_DTYPES:
+        return torch.autocast(device_type, dtype=bundle.unet_dtype)
+    if device_type == "cuda":
+        return torch.autocast("cuda", dtype=frozen_dtype(bundle.device))
+    return torch.autocast(device_type, enabled=False)
+
+
+def gradient_scaler(autocast) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast, whose small gradients would round to zero on their way back to the
+    fp32 token vectors (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(autocast.device, enabled=autocast._enabled and autocast.fast_dtype == torch.float16)
+
+
+def out_of_memory_error(step: int, steps: int, device: torch.device) -> ValueError:
+    return ValueError(
+        f"Learning ran out of {device.type} memory at step {step + 1} of {steps}. Lower working_resolution on Load "
+        "ICE Model (e.g. 384 or 256; it sets the size learning works at), close other programs that use the GPU, "
+        "or free models with ComfyUI's Unload Models button; the number of steps does not change the memory a "
+        "step needs."
+    )
 
 
 def _without_tokens(concepts: ConceptSet) -> ConceptSet:

@@ -13,8 +13,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
 def full_bundle(request):
     from devtools.random_models import build_random_bundle
+    from ice_ops.bundle import frozen_dtypes
 
-    return build_random_bundle(request.param, device="cuda")
+    # what users run: the frozen parts in half precision (bf16/fp16), the learned vectors in fp32
+    return build_random_bundle(request.param, device="cuda", dtype=frozen_dtypes(torch.device("cuda")))
 
 
 def _scene(size):

@@ -335,3 +335,57 @@ def test_textual_inversion_baseline_learns_one_token_per_concept_and_nothing_els
     compose(tiny_bundle, result, "a photo of [ball]")  # [name] stands for the one token
     with pytest.raises(ValueError, match="colour"):
         compose(tiny_bundle, result, "a photo of [ball.colour]")
+
+
+def test_running_out_of_memory_names_the_working_resolution_and_the_step(fresh_tiny_bundle, monkeypatch):
+    image, concepts = _scene()
+    real = fresh_tiny_bundle.unet.forward
+    calls = {"n": 0}
+
+    def short_of_memory(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fresh_tiny_bundle.unet, "forward", short_of_memory)
+    with pytest.raises(ValueError, match=r"step 2 of 5.*working_resolution") as caught:
+        learn_object_tokens(fresh_tiny_bundle, image, concepts, steps=5)
+    assert not isinstance(caught.value, torch.OutOfMemoryError)
+
+
+def test_a_half_precision_frozen_model_still_learns_and_what_is_learned_stays_fp32(toyworld_model):
+    """On a GPU the frozen UNet, VAE and text encoder are kept in half precision; the token vectors, the LoRA and
+    the optimiser work in fp32. bf16 weights on the CPU exercise the same path."""
+    import copy
+
+    bundle, _ = toyworld_model
+    half = copy.deepcopy(bundle).to(dtype=torch.bfloat16)
+    assert {p.dtype for part in ("unet", "vae", "text_encoder") for p in half.part(part).parameters()} == {torch.bfloat16}
+    image, concepts, circle, square = _toyworld_case()
+    word = PlaceholderText(bundle.tokenizer, bundle.text_encoder).word_init("square")
+    learned = learn_object_tokens(half, image, concepts, steps=TOY_STEPS, lr=TOY_LR, seed=0)
+    refined = learn_intrinsic_tokens(half, image, learned, anchors=["colour"], steps=1, refine_steps=1)
+    assert all(v.dtype == torch.float32 for c in refined.concepts for v in c.vectors.values())
+    assert refined.lora and all(t.dtype == torch.float32 for t in refined.lora.values())
+    assert all(not p.requires_grad for part in ("unet", "vae", "text_encoder") for p in half.part(part).parameters())
+    # read in full precision, the tokens learned through the bf16 model denoise the mask better than their word
+    word_error, _ = _read_tokens(bundle, image, {"instance": word, "object": word}, [circle, square])
+    error, _ = _read_tokens(bundle, image, learned.get("thing").vectors, [circle, square])
+    assert error < (1 - MIN_ERROR_FALL) * word_error
+
+
+def test_learning_autocasts_to_the_frozen_unets_half_dtype_and_scales_losses_only_for_fp16(tiny_bundle):
+    """A half-precision UNet is run in its own dtype (no weight is cast at each step); fp16, whose range is
+    small, gets loss scaling so that gradients reaching the fp32 token vectors do not round to zero."""
+    import copy
+
+    from ice_ops.learn import gradient_scaler, training_autocast
+
+    full = training_autocast(tiny_bundle)
+    assert not full._enabled and not gradient_scaler(full).is_enabled()
+    for dtype, scaled in ((torch.bfloat16, False), (torch.float16, True)):
+        half = copy.deepcopy(tiny_bundle).to(dtype=dtype)
+        autocast = training_autocast(half)
+        assert autocast._enabled and autocast.fast_dtype == dtype
+        assert gradient_scaler(autocast).is_enabled() == scaled
