@@ -1,18 +1,16 @@
-"""Conversions between ComfyUI's types and the ICE engine's, and the engine's session inside a node.
+"""Conversions between ComfyUI's types and the ICE engine's.
 
 Tensor conversions (IMAGE, MASK, CONDITIONING) are pure torch and tested without ComfyUI. Everything that
-touches ComfyUI (MODEL/CLIP/VAE -> DiffusionBundle, LoRA patches, progress bar, memory) imports it inside
-the function, so this module itself never imports ComfyUI.
+touches ComfyUI (model checks, LoRA patches, progress bar) imports it inside the function, so this module
+itself never imports ComfyUI. ICE's models and their memory are in :mod:`._memory`.
 
 ComfyUI runs every node under ``torch.inference_mode()`` (execution.py); tensors created there cannot
-take part in autograd later. Engine calls therefore run inside :func:`engine_session`, and tensors coming
+take part in autograd later. Engine calls therefore run inside ``_memory.engine_session``, and tensors coming
 from ComfyUI are copied with :func:`normal_tensor` before the engine sees them.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -24,22 +22,8 @@ SUPPORTED_TEXT = "Stable Diffusion 1.x (ComfyUI model type SD15) and 2.x (SD20: 
 # ComfyUI text-encoder wrapper classes (comfy/sd1_clip.py, comfy/text_encoders/sd2_clip.py) per family.
 CLIP_CLASSES = {"sd1": "SD1ClipModel", "sd2": "SD2ClipModel"}
 LATENT_CHANNELS = 4  # SD 1.x/2.x latents; 9-channel inpainting and 8-channel pix2pix UNets are not supported
-# ICE keeps the engine's weights in fp32 and autocasts on GPU (docs/DECISIONS.md, Stage Two: autocast).
-BUNDLE_DTYPE = torch.float32
-DIFFUSERS_MODEL_CLASS = "diffusers"  # IceModel.model_class of models loaded from a diffusers folder
 PREVIEW_FORMAT = "JPEG"  # what ComfyUI's latent previews send (latent_preview.py)
 RGB_CHANNELS = 3
-
-
-@dataclass
-class IceModel:
-    """What travels on an ICE_MODEL socket: the engine bundle and the ComfyUI MODEL it was copied from
-    (LoRA refinement is applied to a clone of that MODEL; None for a model loaded from a diffusers folder)."""
-
-    bundle: Any
-    model: Any | None
-    family: str
-    model_class: str
 
 
 # ---------------------------------------------------------------------- tensors
@@ -310,48 +294,6 @@ def diffusers_unet_config(comfy_config: dict, family_config: dict, native_sample
     return config
 
 
-def bundle_from_diffusers(folder: str):
-    """An ICE_MODEL from a diffusers folder (fp32, on the offload device). It has no ComfyUI MODEL, so its
-    images are sampled with the Generate Image node, and LoRA refinement cannot hand back a MODEL."""
-    import comfy.model_management as management
-
-    with torch.inference_mode(False):
-        bundle = engine("bundle").DiffusionBundle.from_pretrained(
-            folder, device=management.unet_offload_device(), dtype=BUNDLE_DTYPE
-        )
-    return IceModel(bundle=bundle, model=None, family=bundle.family, model_class=DIFFUSERS_MODEL_CLASS)
-
-
-def bundle_from_comfy(model, clip, vae, working_resolution: int = 0):
-    """A DiffusionBundle (fp32, on the offload device) with the weights of ComfyUI's MODEL, CLIP and VAE.
-
-    The weights are read the way ComfyUI's CheckpointSave reads them (``comfy.sd.save_checkpoint``): the
-    models are loaded with their patches (e.g. LoRAs) applied and exported in the original LDM layout,
-    then copied into the engine's modules. ComfyUI's objects are not modified. ``working_resolution``
-    (pixels, 0 = the model's native one) sets the bundle's native resolution, which the engine works at.
-    """
-    import comfy.model_management as management
-
-    family, name = model_family(model)
-    check_clip(clip, family)
-    prediction = prediction_type(model)
-    bundle_module = engine("bundle")
-    configs = {part: bundle_module.read_config(family, part) for part in ("unet", "vae", "text_encoder")}
-    unet_config = model.model.model_config.unet_config
-    native = bundle_module.SD2_V_NATIVE_SAMPLE_SIZE if prediction == "v_prediction" else configs["unet"]["sample_size"]
-    configs["unet"] = diffusers_unet_config(unet_config, configs["unet"], native)
-    if working_resolution:
-        configs["unet"]["sample_size"] = sample_size_for(working_resolution, configs["unet"], configs["vae"])
-    management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
-    with torch.inference_mode(False):
-        bundle = bundle_module.DiffusionBundle.from_ldm_state_dict(
-            state, prediction_type=prediction, configs=configs,
-            device=management.unet_offload_device(), dtype=BUNDLE_DTYPE,
-        )
-    return IceModel(bundle=bundle, model=model, family=family, model_class=name)
-
-
 def sample_size_for(resolution: int, unet_config: dict, vae_config: dict) -> int:
     """UNet sample size (latent pixels) for a working ``resolution`` in image pixels; ``ValueError`` unless
     the resolution is a multiple of what the VAE and UNet downsample by together."""
@@ -363,42 +305,6 @@ def sample_size_for(resolution: int, unet_config: dict, vae_config: dict) -> int
             f"(e.g. {max(multiple, resolution // multiple * multiple)}), or 0 for the model's native resolution."
         )
     return resolution // bundle_module.downsampling(vae_config)
-
-
-def _modules(movable) -> list[torch.nn.Module]:
-    """The torch modules of a DiffusionBundle (unet, vae, text encoder) or a ClipRetriever (model)."""
-    if hasattr(movable, "unet"):
-        return [movable.unet, movable.vae, movable.text_encoder]
-    return [movable.model]
-
-
-def parameter_bytes(movable) -> int:
-    return sum(p.numel() * p.element_size() for module in _modules(movable) for p in module.parameters())
-
-
-@contextlib.contextmanager
-def engine_session(*movables) -> Iterator[None]:
-    """Run engine code inside a node: autograd allowed (ComfyUI runs nodes in inference mode), the given
-    bundles/retrievers on ComfyUI's compute device (ComfyUI first frees room for them), and afterwards,
-    also when the user cancels, moved back to the offload device with the device cache emptied."""
-    import comfy.model_management as management
-
-    device = management.get_torch_device()
-    offload = management.unet_offload_device()
-    try:
-        needed = sum(parameter_bytes(m) for m in movables if m.device != device)
-        if needed:
-            management.free_memory(needed, device)
-        for movable in movables:
-            if movable.device != device:
-                movable.to(device)
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for movable in movables:
-            if movable.device != offload:
-                movable.to(offload)
-        management.soft_empty_cache()
 
 
 def lora_patched_model(model, lora: dict[str, torch.Tensor]):

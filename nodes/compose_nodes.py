@@ -8,10 +8,10 @@ from ._adapters import (
     ProgressReporter,
     composed_from_conditioning,
     conditioning_from_composed,
-    engine_session,
     image_from_engine,
 )
 from ._engine import engine
+from ._memory import TEXT_ONLY, engine_session
 from ._schema import schema
 
 
@@ -22,7 +22,7 @@ class ComposeConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, ice_model, concepts, prompt: str) -> io.NodeOutput:
-        with engine_session(ice_model.bundle):
+        with engine_session(ice_model, parts=TEXT_ONLY):
             composed = engine("composition").compose(ice_model.bundle, concepts, prompt)
         return io.NodeOutput(conditioning_from_composed(composed))
 
@@ -39,7 +39,7 @@ class Generate(io.ComfyNode):
     ) -> io.NodeOutput:
         bundle = ice_model.bundle
         compose = engine("composition")
-        with engine_session(bundle):
+        with engine_session(ice_model):
             empty = compose.compose(bundle, None, "")
             prompt = composed_from_conditioning(positive, negative, empty, width=empty.hidden_states.shape[-1])
             images = compose.generate(

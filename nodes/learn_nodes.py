@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ._adapters import ProgressReporter, engine_session, image_to_engine, lora_patched_model, replace_masks, split_words
+from ._adapters import ProgressReporter, image_to_engine, lora_patched_model, replace_masks, split_words
 from ._engine import engine
+from ._memory import engine_session
 from ._schema import schema
 
 
@@ -17,7 +18,7 @@ class LearnObjectTokens(io.ComfyNode):
     def execute(cls, ice_model, image, concepts, steps: int, learning_rate: float, seed: int, masks=None) -> io.NodeOutput:
         picture = image_to_engine(image)
         concepts = replace_masks(concepts, masks)
-        with engine_session(ice_model.bundle):
+        with engine_session(ice_model):
             learned = engine("learn").learn_object_tokens(
                 ice_model.bundle, picture, concepts, steps=steps, lr=learning_rate, seed=seed,
                 callback=ProgressReporter(),
@@ -40,7 +41,7 @@ class LearnIntrinsicTokens(io.ComfyNode):
                 "LoRA refinement needs a checkpoint's MODEL to apply the LoRA to, and this ICE model was loaded from "
                 "a diffusers folder; set refine_steps to 0, or load the model with Load Checkpoint + Load ICE Model."
             )
-        with engine_session(ice_model.bundle):
+        with engine_session(ice_model):
             learned = engine("learn").learn_intrinsic_tokens(
                 ice_model.bundle, picture, concepts, anchors=split_words(anchors), steps=steps, refine_steps=refine_steps,
                 seed=seed, callback=ProgressReporter(), lr=learning_rate,

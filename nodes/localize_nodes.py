@@ -5,7 +5,6 @@ from comfy_api.latest import io, ui
 
 from ._adapters import (
     ProgressReporter,
-    engine_session,
     image_from_engine,
     image_to_engine,
     labelled_overlay,
@@ -14,6 +13,7 @@ from ._adapters import (
     split_words,
 )
 from ._engine import engine
+from ._memory import engine_session
 from ._schema import schema
 
 
@@ -26,7 +26,7 @@ class ConceptRetrieve(io.ComfyNode):
     def execute(cls, retriever, image, top_k: int, exclude: str, ignore_mask=None) -> io.NodeOutput:
         picture = image_to_engine(image)
         explained = mask_to_engine(ignore_mask, tuple(picture.shape[-2:]), "ignore_mask")
-        with engine_session(retriever):
+        with engine_session(retriever=retriever):
             ranked = retriever.rank(picture, explained=explained, exclude=tuple(split_words(exclude)), top_k=top_k)
         if not ranked:
             raise ValueError("The retriever returned no word; remove words from 'exclude' or use a larger vocabulary.")
@@ -44,7 +44,7 @@ class AttentionSegment(io.ComfyNode):
     def execute(cls, ice_model, image, word: str, segmentation: str = "diffseg", ignore_mask=None) -> io.NodeOutput:
         picture = image_to_engine(image)
         ignore = mask_to_engine(ignore_mask, tuple(picture.shape[-2:]), "ignore_mask")
-        with engine_session(ice_model.bundle):
+        with engine_session(ice_model):
             result = engine("localization").segment_word(
                 ice_model.bundle, picture, word.strip(), ignore=ignore, segmentation=segmentation
             )
@@ -64,7 +64,7 @@ class IterativeLocalize(io.ComfyNode):
         segmentation: str = "diffseg", min_contrast: float = 0.0,
     ) -> io.NodeOutput:
         picture = image_to_engine(image)
-        with engine_session(ice_model.bundle, retriever):
+        with engine_session(ice_model, retriever=retriever):
             concepts = engine("localization").localize(
                 ice_model.bundle, retriever, picture, stop_fraction=stop_fraction, max_concepts=max_concepts,
                 seed=seed, callback=ProgressReporter(), segmentation=segmentation, min_contrast=min_contrast or None,

@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from . import _folders
-from ._adapters import bundle_from_comfy, bundle_from_diffusers
+from ._memory import bundle_from_comfy, bundle_from_diffusers
 from ._engine import engine
 from ._schema import schema
 from ._spec import TOYWORLD_MODEL

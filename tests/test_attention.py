@@ -207,3 +207,37 @@ def test_clear_empties_the_store(tiny_bundle):
         assert store.self_maps == {} and store.cross_maps == {} and store.self_counts == {}
         tiny_bundle.unet(latent[:1], TIMESTEP, encoder_hidden_states=context[:1])
     assert store.self_maps[(16, 16)].shape[0] == 1
+
+
+def test_a_chunk_that_runs_out_of_memory_is_retried_smaller_with_the_same_maps(tiny_bundle, full_capture, monkeypatch):
+    """On a GPU that is nearly full, Stage One's capture halves its query chunks instead of failing."""
+    import ice_ops.attention as attention_module
+
+    _hw, latent, context, _plain, _captured, reference = full_capture
+    real = attention_module._attend_rows
+    sizes = []
+
+    def short_of_memory(query_rows, *args):
+        sizes.append(query_rows.shape[2])
+        if query_rows.shape[2] > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(query_rows, *args)
+
+    monkeypatch.setattr(attention_module, "_attend_rows", short_of_memory)
+    with torch.no_grad(), capture_attention(tiny_bundle.unet, query_chunk=1024) as store:
+        tiny_bundle.unet(latent, TIMESTEP, encoder_hidden_states=context)
+    assert max(sizes) > 64 and 64 in sizes
+    for grid, maps in reference.self_maps.items():
+        torch.testing.assert_close(store.self_maps[grid], maps, atol=1e-6, rtol=1e-5)
+
+
+def test_running_out_of_memory_at_one_query_is_raised(tiny_bundle, monkeypatch):
+    import ice_ops.attention as attention_module
+
+    def never_fits(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(attention_module, "_attend_rows", never_fits)
+    latent, context = _inputs(tiny_bundle, batch=1)
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad(), capture_attention(tiny_bundle.unet):
+        tiny_bundle.unet(latent, TIMESTEP, encoder_hidden_states=context)

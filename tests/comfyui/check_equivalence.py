@@ -8,7 +8,8 @@ builds the bundle through the pack's adapter and prints, as JSON, the largest di
   layer of its 24-layer OpenCLIP-H with the final layer norm);
 - ComposeConcepts with a learned vector equal to a word's own embedding and CLIPTextEncode of that word;
 - the UNet's noise prediction and the VAE's latent;
-and whether ComfyUI's MODEL weights were left untouched.
+whether ComfyUI's MODEL weights were left untouched, how much of each engine part lies in ComfyUI's own
+weight memory while a node runs, and whether the engine holds no weights once the node is done.
 """
 from __future__ import annotations
 
@@ -43,24 +44,33 @@ def main() -> None:
 
     pack = load_pack(ROOT)
     adapters = importlib.import_module(pack.__name__ + ".nodes._adapters")
+    memory = importlib.import_module(pack.__name__ + ".nodes._memory")
+    shared = importlib.import_module(pack.__name__ + ".ice_ops.shared_weights")
     concepts_module = importlib.import_module(pack.__name__ + ".ice_ops.concepts")
     compose_module = importlib.import_module(pack.__name__ + ".ice_ops.composition")
     report: dict = {}
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]
         before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-        ice = adapters.bundle_from_comfy(model, clip, vae)
+        ice = memory.bundle_from_comfy(model, clip, vae)
         bundle = ice.bundle
         report["family"], report["model_class"] = ice.family, ice.model_class
 
         text = PROMPT_TEMPLATE.format(WORD)
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         reference = conditioning[0][0]
-        ours = bundle.encode_prompt([text]).float()
+        with memory.engine_session(ice):
+            ours = bundle.encode_prompt([text]).float()
+            sources = ice.parts.sources()
+            report["shared_fraction"] = {
+                part: shared.shared_bytes(bundle.part(part), sources) / _bytes(bundle.part(part))
+                for part in memory.ALL_PARTS
+            }
+        report["released_after_session"] = all(p.is_meta for p in bundle.unet.parameters())
         report["text_max_abs_diff"] = float((reference - ours).abs().max())
         report["text_scale"] = float(reference.abs().max())
 
-        with adapters.engine_session(bundle):
+        with memory.engine_session(ice, parts=memory.TEXT_ONLY):
             word_id = bundle.tokenizer(WORD, add_special_tokens=False).input_ids
             vector = bundle.text_encoder.get_input_embeddings().weight[word_id[0]].detach().clone()
             concept = concepts_module.Concept("thing", WORD, 1.0, torch.ones(IMAGE_SIDE, IMAGE_SIDE), {"object": vector})
@@ -79,22 +89,23 @@ def main() -> None:
         noisy = latent * (sigma ** 2 + 1) ** 0.5  # ComfyUI's sigma-space input for an epsilon model
         denoised = model.model.apply_model(noisy, sigma, c_crossattn=reference)
         comfy_eps = (noisy - denoised) / sigma
-        with torch.no_grad():
+        with memory.engine_session(ice), torch.no_grad():
             our_eps = bundle.unet(latent, torch.tensor([PROBE_TIMESTEP]), encoder_hidden_states=ours).sample
         report["unet_max_abs_diff"] = float((comfy_eps - our_eps).abs().max())
 
         image = torch.rand(1, IMAGE_SIDE, IMAGE_SIDE, 3, generator=generator)
         comfy_latent = vae.encode(image) * bundle.latent_scaling
-        with torch.no_grad():
+        with memory.engine_session(ice), torch.no_grad():
             our_latent = bundle.encode_image(image[0].permute(2, 0, 1), (IMAGE_SIDE, IMAGE_SIDE)).float()
         report["vae_max_abs_diff"] = float((comfy_latent - our_latent).abs().max())
 
         after = model.model.diffusion_model.state_dict()
         report["comfy_model_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
-        report["bundle_is_separate"] = all(
-            p.data_ptr() != q.data_ptr() for p in bundle.unet.parameters() for q in list(after.values())[:50]
-        )
     sys.stdout.write(json.dumps(report) + "\n")
+
+
+def _bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.parameters())
 
 
 if __name__ == "__main__":
