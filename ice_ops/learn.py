@@ -421,11 +421,12 @@ def _prepare_scene(bundle, image, concepts) -> _Scene:
     height, width = image.shape[-2:]
     size = working_size(height, width, bundle.native_resolution, bundle.size_multiple)
     working = resize_image(image, size)
-    pair = torch.stack([working, working.flip(-1)])
+    posteriors = []
     with torch.no_grad():
-        posterior = bundle.vae.encode((pair * 2 - 1).to(bundle.device, bundle.vae_dtype)).latent_dist
-    mean = posterior.mean.float() * bundle.latent_scaling
-    std = posterior.std.float() * bundle.latent_scaling
+        for view in (working, working.flip(-1)):  # one at a time: the VAE's activations at full size are large
+            posteriors.append(bundle.vae.encode((view[None] * 2 - 1).to(bundle.device, bundle.vae_dtype)).latent_dist)
+    mean = torch.cat([p.mean for p in posteriors]).float() * bundle.latent_scaling
+    std = torch.cat([p.std for p in posteriors]).float() * bundle.latent_scaling
     latent_size = tuple(mean.shape[-2:])
     factor = attention_downsample_factor(bundle.unet)
     grid = transport_grid((latent_size[0] // factor, latent_size[1] // factor))

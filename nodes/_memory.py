@@ -16,6 +16,8 @@ where autograd is allowed again.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -31,6 +33,7 @@ DIFFUSERS_MODEL_CLASS = "diffusers"  # IceModel.model_class of models loaded fro
 # Source-name prefixes of the ComfyUI modules a borrowing bundle reads its weights from.
 COMFY_SOURCES = {"unet": "model/", "text_encoder": "clip/", "vae": "vae/"}
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GLIBC = "libc.so.6"
 
 
 @dataclass
@@ -198,6 +201,26 @@ def engine_session(ice_model: IceModel | None = None, parts: Sequence[str] = ALL
             yield
     finally:
         management.soft_empty_cache()
+        return_freed_host_memory()
+
+
+def return_freed_host_memory() -> None:
+    """Hand the memory a node freed back to the operating system. glibc keeps freed blocks below its mmap
+    threshold in the process heap, and a training step frees gigabytes of activations in such blocks:
+    measured with a full-size SD 1.5 on the CPU, 2.2 GB stayed resident after Learn (no tensor alive) and
+    KSampler then peaked that much higher. ComfyUI empties the GPU's cache after nodes; this is the same for the
+    host. A no-op where the C library is not glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(GLIBC).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _common_floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
