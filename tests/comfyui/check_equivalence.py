@@ -13,13 +13,11 @@ weight memory while a node runs, and whether the engine holds no weights once th
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from check_extension import checkpoint_check_arguments, pack_modules_in_comfyui  # this script's folder is first on sys.path
+
 PROMPT_TEMPLATE = "a photo of a {} on a table"
 WORD = "cat"  # one CLIP token
 PROBE_TIMESTEP = 500
@@ -28,26 +26,14 @@ IMAGE_SIDE = 64
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--checkpoint", required=True)
+    parser = checkpoint_check_arguments(__doc__)
     args = parser.parse_args()
-    sys.path.insert(0, os.path.abspath(args.comfyui))
-    from comfy.cli_args import args as comfy_args
-
-    comfy_args.cpu = True
+    pack_module = pack_modules_in_comfyui(args.comfyui)
     import comfy.sd
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from check_extension import load_pack
-
-    pack = load_pack(ROOT)
-    adapters = importlib.import_module(pack.__name__ + ".nodes._adapters")
-    memory = importlib.import_module(pack.__name__ + ".nodes._memory")
-    shared = importlib.import_module(pack.__name__ + ".ice_ops.shared_weights")
-    concepts_module = importlib.import_module(pack.__name__ + ".ice_ops.concepts")
-    compose_module = importlib.import_module(pack.__name__ + ".ice_ops.composition")
+    adapters, memory, shared, concepts_module, compose_module = map(pack_module, (
+        "nodes._adapters", "nodes._memory", "ice_ops.shared_weights", "ice_ops.concepts", "ice_ops.composition"))
     report: dict = {}
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import importlib.util
 import json
 import os
@@ -25,6 +26,25 @@ def load_pack(path: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def checkpoint_check_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every in-process check of a checkpoint takes: the ComfyUI checkout and the checkpoint."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--comfyui", required=True, help="ComfyUI checkout (its folder goes on sys.path)")
+    parser.add_argument("--checkpoint", required=True, help="an SD 1.x/2.x .safetensors checkpoint")
+    return parser
+
+
+def pack_modules_in_comfyui(comfyui: str):
+    """Put ComfyUI first on ``sys.path`` in CPU mode (before any ``comfy`` module reads its options) and import
+    the pack as ComfyUI does; returns a function importing one of the pack's modules, e.g. ``"nodes._memory"``."""
+    sys.path.insert(0, os.path.abspath(comfyui))
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True
+    pack = load_pack(ROOT)
+    return lambda name: importlib.import_module(f"{pack.__name__}.{name}")
 
 
 async def node_infos(pack) -> dict:

@@ -16,13 +16,11 @@ every model, and a stock KSampler pass after it. Prints one JSON object:
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from check_extension import checkpoint_check_arguments, pack_modules_in_comfyui  # this script's folder is first on sys.path
+
 IMAGE_SIDE = 64
 WORKING_RESOLUTION = 64
 LEARN_STEPS = 2
@@ -32,30 +30,18 @@ GUIDANCE = 7.0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--checkpoint", required=True)
+    parser = checkpoint_check_arguments(__doc__)
     parser.add_argument("--diffusers", help="a diffusers model folder to check as an ICE-owned model")
     args = parser.parse_args()
-    sys.path.insert(0, os.path.abspath(args.comfyui))
-    from comfy.cli_args import args as comfy_args
-
-    comfy_args.cpu = True
+    pack_module = pack_modules_in_comfyui(args.comfyui)
     import comfy.model_management as management
     import comfy.sd
     import nodes as comfy_nodes
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from check_extension import load_pack
-
-    pack = load_pack(ROOT)
-    model_nodes = importlib.import_module(pack.__name__ + ".nodes.model_nodes")
-    learn_nodes = importlib.import_module(pack.__name__ + ".nodes.learn_nodes")
-    compose_nodes = importlib.import_module(pack.__name__ + ".nodes.compose_nodes")
-    memory = importlib.import_module(pack.__name__ + ".nodes._memory")
-    shared = importlib.import_module(pack.__name__ + ".ice_ops.shared_weights")
-    concepts_module = importlib.import_module(pack.__name__ + ".ice_ops.concepts")
+    model_nodes, learn_nodes, compose_nodes, memory, shared, concepts_module, learn_module = map(pack_module, (
+        "nodes.model_nodes", "nodes.learn_nodes", "nodes.compose_nodes", "nodes._memory", "ice_ops.shared_weights",
+        "ice_ops.concepts", "ice_ops.learn"))
 
     def loaded_classes() -> list[str]:
         held = [entry.model.model for entry in management.current_loaded_models]
@@ -75,7 +61,6 @@ def main() -> None:
         image = torch.rand(1, IMAGE_SIDE, IMAGE_SIDE, 3, generator=torch.Generator().manual_seed(0))
 
         shares: dict = {}
-        learn_module = importlib.import_module(pack.__name__ + ".ice_ops.learn")
         real_step = learn_module._step
 
         def measured_step(bundle, *step_args, **step_kwargs):
