@@ -170,14 +170,15 @@ _RETRIEVER_PATCHERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def retriever_patcher(retriever):
-    """The ModelPatcher of a retriever's CLIP model (one per retriever, so ComfyUI counts it once)."""
+    """The ModelPatcher of a retriever's CLIP model: one per retriever, so ComfyUI counts it once, and kept only
+    as long as the retriever (ComfyUI itself holds loaded models weakly)."""
     import comfy.model_management as management
 
-    if retriever.model not in _RETRIEVER_PATCHERS:
-        _RETRIEVER_PATCHERS[retriever.model] = managed(
+    if retriever not in _RETRIEVER_PATCHERS:
+        _RETRIEVER_PATCHERS[retriever] = managed(
             retriever.model, management.get_torch_device(), management.unet_offload_device()
         )
-    return _RETRIEVER_PATCHERS[retriever.model]
+    return _RETRIEVER_PATCHERS[retriever]
 
 
 @contextlib.contextmanager
