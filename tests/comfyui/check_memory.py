@@ -11,6 +11,8 @@ every model, and a stock KSampler pass after it. Prints one JSON object:
   during a training step; ``released_after_learn``: the engine holds no weights once the node is done;
 - ``loaded_after_compose``: the classes loaded by Compose Concepts alone;
 - ``ksampler_after_learn``: the shape of the latent a stock KSampler made afterwards;
+- ``ice_sees_model_patches``: a patch added to the MODEL (as LoraLoader adds one) is in ICE's weights;
+  ``plain_model_restored``: the unpatched MODEL has its own weights again when ComfyUI loads it next;
 - with ``--diffusers``: ``owned_loaded_after_text_session``, the classes loaded when a diffusers-folder model's
   text encoder is asked for.
 """
@@ -27,6 +29,7 @@ LEARN_STEPS = 2
 LEARNING_RATE = 1e-2
 SAMPLE_STEPS = 1
 GUIDANCE = 7.0
+PATCHED_KEY = "diffusion_model.input_blocks.0.0.weight"  # the UNet's first convolution (diffusers' conv_in)
 
 
 def main() -> None:
@@ -90,6 +93,17 @@ def main() -> None:
         (sampled,) = comfy_nodes.common_ksampler(model, 0, SAMPLE_STEPS, GUIDANCE, "euler", "normal", positive,
                                                  negative, latent)
         report["ksampler_after_learn"] = list(sampled["samples"].shape)
+
+        # A LoRA on the MODEL (as LoraLoader adds it) is in the weights ICE computes with, and leaves the plain MODEL
+        original = model.model.state_dict()[PATCHED_KEY].clone()
+        patched = model.clone()
+        patched.add_patches({PATCHED_KEY: ("diff", (torch.ones_like(original),))}, 1.0)
+        ice_patched = model_nodes.LoadICEModel.execute(patched, clip, vae, WORKING_RESOLUTION).args[0]
+        with memory.engine_session(ice_patched, parts=("unet",)):
+            seen = ice_patched.bundle.unet.conv_in.weight.detach().clone()
+        report["ice_sees_model_patches"] = bool(torch.allclose(seen, original + 1))
+        management.load_models_gpu([model])
+        report["plain_model_restored"] = bool(torch.equal(model.model.state_dict()[PATCHED_KEY], original))
 
         if args.diffusers:
             owned = memory.bundle_from_diffusers(args.diffusers)

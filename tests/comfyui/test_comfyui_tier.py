@@ -307,6 +307,7 @@ def test_comfyui_manages_the_memory_of_ice_parts_and_compose_loads_only_the_text
     assert report["released_after_learn"]
     assert report["loaded_after_compose"] == ["SD1ClipModel"], "Compose Concepts needs the text encoder only"
     assert report["ksampler_after_learn"] == [1, 4, 8, 8]
+    assert report["ice_sees_model_patches"] and report["plain_model_restored"], "ICE computes with the user's LoRAs"
     if embedded_weights_present():
         assert report["owned_loaded_after_text_session"] == ["CLIPTextModel"]
 
