@@ -14,10 +14,10 @@ from _common import Timer, emit, parameter_count, peak_memory_bytes, pick_device
 
 def bare_unet_step(bundle, latent, context, autocast) -> None:
     """One UNet forward and a backward pass into the text features (what token learning must pay at least)."""
-    context = context.detach().clone().requires_grad_(True)
+    context = context.detach().to(bundle.unet_dtype).requires_grad_(True)
     timestep = torch.tensor([500], device=bundle.device)
     with autocast:
-        prediction = bundle.unet(latent, timestep, encoder_hidden_states=context).sample
+        prediction = bundle.unet(latent.to(bundle.unet_dtype), timestep, encoder_hidden_states=context).sample
     prediction.float().square().mean().backward()
 
 
@@ -30,12 +30,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from ice_ops.concepts import Concept, ConceptSet
+    from ice_ops.bundle import frozen_dtypes
     from ice_ops.learn import learn_object_tokens, training_autocast
     from devtools.random_models import build_random_bundle
 
     device = pick_device(args.device)
     kind = args.model if args.full else "tiny"
-    bundle = build_random_bundle(kind, device=device)
+    bundle = build_random_bundle(kind, device=device, dtype=frozen_dtypes(device))  # what users run
     size = bundle.native_resolution
     steps = args.steps or (50 if args.full else 20)
     image, labels = synthetic_scene(size)
@@ -43,7 +44,7 @@ def main() -> None:
         [Concept(f"c{k}", word, 1.0, (labels == k).float()) for k, word in ((1, "ball"), (2, "box"))], (size, size)
     )
 
-    # Bare UNet step at the same precision (autocast on GPU, fp32 on CPU).
+    # Bare UNet step at the same precision (half-precision weights and autocast on GPU, fp32 on CPU).
     latent = bundle.encode_image(image, (size, size))
     context = bundle.encode_prompt(["a photo of a ball"])
     autocast = training_autocast(bundle)
@@ -65,8 +66,7 @@ def main() -> None:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": kind,
         "unet_params": parameter_count(bundle.unet),
-        "precision": "autocast-" + ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16")
-        if device.type == "cuda" else "fp32",
+        "precision": str(bundle.unet_dtype).removeprefix("torch."),
         "image_size": size,
         "steps": steps,
         "steps_per_second": round(steps / learn.seconds, 3),
