@@ -142,11 +142,12 @@ NODES: tuple[NodeSpec, ...] = (
         category=CATEGORY_IO,
         description=(
             "Prepares the checkpoint's UNet, text encoder and VAE for ICE. Connect MODEL, CLIP and VAE of one "
-            "Load Checkpoint node holding a Stable Diffusion 1.x or 2.x model; ComfyUI's own objects are copied, "
-            "never changed."
+            "Load Checkpoint node holding a Stable Diffusion 1.x or 2.x model. ICE computes with the weights "
+            "ComfyUI has loaded (no second copy; ComfyUI loads and frees them as for KSampler) and never changes "
+            "them."
         ),
         inputs=(
-            InputSpec("model", "MODEL", "MODEL output of Load Checkpoint (SD 1.x or SD 2.x; LoRAs already applied are kept)."),
+            InputSpec("model", "MODEL", "MODEL output of Load Checkpoint (SD 1.x or SD 2.x; LoRAs applied to it are used)."),
             InputSpec("clip", "CLIP", "CLIP output of the same Load Checkpoint node."),
             InputSpec("vae", "VAE", "VAE output of the same Load Checkpoint node."),
             InputSpec(
