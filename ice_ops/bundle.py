@@ -417,12 +417,14 @@ def ldm_modules(state: dict[str, torch.Tensor], family: str, prediction: str, co
     vae_config = dict(configs.get("vae") or read_config(family, "vae", config_dir))
     text_config = dict(configs.get("text_encoder") or read_config(family, "text_encoder", config_dir))
 
-    unet = _build_and_load(UNet2DConditionModel.from_config, unet_config,
-                           lambda checkpoint, model: convert_ldm_unet_checkpoint(checkpoint, model.config), state, "UNet",
-                           share_tensors)
-    vae = _build_and_load(AutoencoderKL.from_config, vae_config,
-                          lambda checkpoint, model: convert_ldm_vae_checkpoint(checkpoint, model.config), state, "VAE",
-                          share_tensors)
+    def convert_unet(checkpoint: dict, model) -> dict:
+        return convert_ldm_unet_checkpoint(checkpoint, model.config)
+
+    def convert_vae(checkpoint: dict, model) -> dict:
+        return convert_ldm_vae_checkpoint(checkpoint, model.config)
+
+    unet = _build_and_load(UNet2DConditionModel.from_config, unet_config, convert_unet, state, "UNet", share_tensors)
+    vae = _build_and_load(AutoencoderKL.from_config, vae_config, convert_vae, state, "VAE", share_tensors)
 
     def build_text_encoder(config: dict):
         return CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if k != "architectures"}))

@@ -182,7 +182,8 @@ def retriever_patcher(retriever):
 
 
 @contextlib.contextmanager
-def engine_session(ice_model: IceModel | None = None, parts: Sequence[str] = ALL_PARTS, retriever=None) -> Iterator[None]:
+def engine_session(ice_model: IceModel | None = None, parts: Sequence[str] = ALL_PARTS,
+                   retriever=None) -> Iterator[None]:
     """Run engine code inside a node: ComfyUI loads the ``parts`` of ``ice_model`` this node uses (and the
     retriever) onto its device, freeing room by offloading other models; autograd is allowed (ComfyUI runs
     nodes in inference mode). Borrowed weights are given back when the block ends, also on cancel."""
@@ -194,7 +195,7 @@ def engine_session(ice_model: IceModel | None = None, parts: Sequence[str] = ALL
         patchers.append(retriever_patcher(retriever))
     borrowed = ice_model is not None and isinstance(ice_model.parts, BorrowedParts)
     management.load_models_gpu(patchers, force_patch_weights=borrowed, force_full_load=True)
-    ready = ice_model.parts.ready(ice_model.bundle, parts, device) if ice_model is not None else contextlib.nullcontext()
+    ready = contextlib.nullcontext() if ice_model is None else ice_model.parts.ready(ice_model.bundle, parts, device)
     try:
         with ready, torch.inference_mode(False), torch.enable_grad():
             if retriever is not None:

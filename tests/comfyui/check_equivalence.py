@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import sys
 
-from check_extension import checkpoint_check_arguments, pack_modules_in_comfyui  # this script's folder is first on sys.path
+# this script's folder is first on sys.path
+from check_extension import checkpoint_check_arguments, pack_modules_in_comfyui
 
 PROMPT_TEMPLATE = "a photo of a {} on a table"
 WORD = "cat"  # one CLIP token

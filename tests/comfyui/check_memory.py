@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import sys
 
-from check_extension import checkpoint_check_arguments, pack_modules_in_comfyui  # this script's folder is first on sys.path
+# this script's folder is first on sys.path
+from check_extension import checkpoint_check_arguments, pack_modules_in_comfyui
 
 IMAGE_SIDE = 64
 WORKING_RESOLUTION = 64
@@ -51,7 +52,8 @@ def main() -> None:
         return sorted(type(getattr(module, "part", module)).__name__ for module in held)  # ICE's own: ManagedPart
 
     def is_loaded(patcher) -> bool:
-        return any(entry.model is patcher or entry.model.is_clone(patcher) for entry in management.current_loaded_models)
+        held = [entry.model for entry in management.current_loaded_models]
+        return any(model is patcher or model.is_clone(patcher) for model in held)
 
     report: dict = {}
     with torch.inference_mode():
