@@ -389,3 +389,55 @@ def test_learning_autocasts_to_the_frozen_unets_half_dtype_and_scales_losses_onl
         autocast = training_autocast(half)
         assert autocast._enabled and autocast.fast_dtype == dtype
         assert gradient_scaler(autocast).is_enabled() == scaled
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (dict(steps=0), "steps must be a positive whole number"),
+    (dict(steps=2.5), "steps must be a positive whole number"),
+    (dict(steps=1, refine_steps=-1), "refine_steps must be 0"),
+    (dict(steps=1, refine_steps=1.5), "refine_steps must be 0"),
+    (dict(steps=1, lr=0.0), "learning rate must be a positive number"),
+    (dict(steps=1, lr=-1e-3), "learning rate must be a positive number"),
+    (dict(steps=1, lr=float("inf")), "learning rate must be a positive number"),
+    (dict(steps=1, lr=float("nan")), "learning rate must be a positive number"),
+])
+def test_bad_steps_and_learning_rates_are_refused_before_any_work(arguments, words):
+    from ice_ops.learn import check_intrinsic_arguments
+
+    _, concepts = _scene()
+    with pytest.raises(ValueError, match=words):
+        check_intrinsic_arguments(concepts, "colour", **arguments)
+
+
+def test_one_step_and_a_small_learning_rate_are_accepted_and_anchors_come_back_normalised():
+    from ice_ops.learn import check_intrinsic_arguments
+
+    _, concepts = _scene()
+    anchors = check_intrinsic_arguments(concepts, " Colour,material ", steps=1, refine_steps=1, lr=1e-3)
+    assert anchors == ("colour", "material")
+
+
+def test_the_attention_grid_is_set_by_the_coarsest_level_with_cross_attention():
+    from types import SimpleNamespace
+
+    from ice_ops.learn import attention_downsample_factor
+
+    def unet(*kinds):
+        return SimpleNamespace(config=SimpleNamespace(down_block_types=kinds))
+
+    cross, plain = "CrossAttnDownBlock2D", "DownBlock2D"
+    assert attention_downsample_factor(unet(cross, cross, cross, plain)) == 4  # SD 1.5 and 2.x: 16x16 at 512²
+    assert attention_downsample_factor(unet(plain, cross, cross)) == 4  # SDXL's layout
+    assert attention_downsample_factor(unet(cross, cross, cross, cross)) == 8
+    assert attention_downsample_factor(unet(cross, plain)) == 1
+    with pytest.raises(ValueError, match="no cross-attention"):
+        attention_downsample_factor(unet(plain, plain))
+
+
+def test_the_out_of_memory_message_names_the_device_the_step_and_where_to_lower_the_resolution():
+    from ice_ops.learn import out_of_memory_error
+
+    message = str(out_of_memory_error(6, 400, torch.device("cuda", 0)))
+    assert "cuda memory at step 7 of 400" in message
+    assert "working_resolution on Load ICE Model" in message  # the node and setting a user changes
+    assert "Unload Models" in message  # ComfyUI's button of that name
