@@ -83,7 +83,7 @@ class DiffusionBundle:
     """UNet, VAE, text encoder, tokenizer and training noise scheduler of one SD model.
 
     The frozen modules compute in their own dtypes (:func:`frozen_dtypes` by default: fp32 on the CPU, half
-    precision on a GPU); ``dtype`` is the UNet's. What ICE learns (token vectors, LoRA) stays fp32.
+    precision on a GPU; :attr:`unet_dtype`, :attr:`vae_dtype`). What ICE learns (token vectors, LoRA) stays fp32.
     """
 
     unet: Any
@@ -92,7 +92,6 @@ class DiffusionBundle:
     tokenizer: Any
     scheduler: Any
     device: torch.device
-    dtype: torch.dtype
     family: str
     prediction_type: str
 
@@ -135,8 +134,7 @@ class DiffusionBundle:
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.eval()
-        bundle = cls(unet, vae, text_encoder, tokenizer, scheduler, device, next(unet.parameters()).dtype, family,
-                     prediction)
+        bundle = cls(unet, vae, text_encoder, tokenizer, scheduler, device, family, prediction)
         return bundle.to(device, dtype)
 
     @classmethod
@@ -271,8 +269,6 @@ class DiffusionBundle:
         for part in parts:
             copied += bind_weights(self.part(part), plans[part], sources, device=device, dtype=dtypes[part])
         self.device = torch.device(device)
-        if "unet" in parts:
-            self.dtype = dtypes["unet"]
         return copied
 
     def release(self) -> None:
@@ -300,7 +296,6 @@ class DiffusionBundle:
                 module.to(self.device)
             if dtypes.get(part) is not None and current.dtype != dtypes[part]:
                 module.to(dtype=dtypes[part])
-        self.dtype = self.unet_dtype
         return self
 
     # ------------------------------------------------------------------ sizes derived from configs

@@ -479,8 +479,8 @@ def test_sizes_of_the_tiny_model_follow_its_configs(tiny_bundle):
 @pytest.mark.parametrize("family, text_width", [("sd1", SD1_WIDTH), ("sd2", SD2_WIDTH)])
 def test_sizes_of_the_shipped_configs(family, text_width, meta_models):
     models = meta_models[family]
-    bundle = DiffusionBundle(models.unet, models.vae, models.text_encoder, None, None, torch.device("meta"),
-                             torch.float32, family, "epsilon")
+    bundle = DiffusionBundle(models.unet, models.vae, models.text_encoder, None, None, torch.device("meta"), family,
+                             "epsilon")
     assert bundle.vae_scale_factor == 8
     assert bundle.size_multiple == 64
     assert bundle.native_resolution == 512
@@ -542,7 +542,7 @@ def test_frozen_parts_are_fp32_on_the_cpu_half_on_a_gpu_and_never_require_gradie
     for part in ("unet", "vae", "text_encoder"):
         assert {p.dtype for p in bundle.part(part).parameters()} == {torch.float32}
         assert not any(p.requires_grad for p in bundle.part(part).parameters())
-    assert bundle.dtype == torch.float32
+    assert bundle.unet_dtype == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert frozen_dtypes(torch.device("cuda")) == {"unet": torch.bfloat16, "text_encoder": torch.float16,
                                                    "vae": torch.bfloat16}
