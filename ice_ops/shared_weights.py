@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-HALF_AND_FULL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what torch modules compute in directly
 META = torch.device("meta")
 
 
@@ -108,24 +107,31 @@ def release_weights(module: nn.Module) -> None:
 
 def borrowed(source: torch.Tensor, view: TensorView) -> torch.Tensor:
     """A tensor over ``source``'s memory laid out as ``view`` (not an inference tensor, no copy)."""
-    reach = view.offset + sum((size - 1) * step for size, step in zip(view.shape, view.stride)) + 1
+    reach = view.offset + _elements_spanned(view.shape, view.stride)
     if not source.is_contiguous() or (view.shape and reach > source.numel()):
         raise ValueError(
             f"The weight {view.source} changed its layout {tuple(source.shape)} since ICE was loaded; run Load ICE "
             "Model again."
         )
-    with torch.inference_mode(False):
-        alias = torch.empty(0, dtype=source.dtype, device=source.device)
-        return alias.set_(source.untyped_storage(), source.storage_offset() + view.offset, view.shape, view.stride)
+    return _alias(source, source.storage_offset() + view.offset, view.shape, view.stride)
 
 
 def normal_alias(tensor: torch.Tensor) -> torch.Tensor:
     """The same memory, shape and strides as ``tensor``, as a tensor that is not an inference tensor (modules
     can be built around it and autograd may save it)."""
-    view = TensorView("", 0, tuple(tensor.shape), tuple(tensor.stride()))
+    return _alias(tensor, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def _alias(tensor: torch.Tensor, storage_offset: int, shape, stride) -> torch.Tensor:
+    """A new tensor object, made outside inference mode, over ``tensor``'s storage with this layout."""
     with torch.inference_mode(False):
         alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), view.shape, view.stride)
+        return alias.set_(tensor.untyped_storage(), storage_offset, shape, stride)
+
+
+def _elements_spanned(shape, stride) -> int:
+    """How many elements of its storage a strided view reaches, from its first element to its last."""
+    return sum((size - 1) * step for size, step in zip(shape, stride)) + 1
 
 
 def shared_bytes(module: nn.Module, sources: dict[str, torch.Tensor]) -> int:
@@ -146,7 +152,7 @@ def _find_view(tensor: torch.Tensor, candidates) -> TensorView | None:
         if source.dtype != tensor.dtype:
             continue
         offset = tensor.storage_offset() - source.storage_offset()
-        reach = offset + sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride())) + 1
+        reach = offset + _elements_spanned(tensor.shape, tensor.stride())
         if offset >= 0 and reach <= source.numel():
             return TensorView(name, offset, tuple(tensor.shape), tuple(tensor.stride()))
     return None
@@ -158,7 +164,7 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
     start = tensor.data_ptr()
-    span = sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride())) + 1 if tensor.numel() else 0
+    span = _elements_spanned(tensor.shape, tensor.stride()) if tensor.numel() else 0
     return start, start + span * tensor.element_size()
 
 
