@@ -20,14 +20,14 @@ import ctypes
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
 from . import _adapters as adapters
 from ._engine import engine
 
-ALL_PARTS = ("unet", "vae", "text_encoder")
+ALL_PARTS = engine("bundle").WEIGHT_PARTS
 TEXT_ONLY = ("text_encoder",)
 DIFFUSERS_MODEL_CLASS = "diffusers"  # IceModel.model_class of models loaded from a diffusers folder
 # Source-name prefixes of the ComfyUI modules a borrowing bundle reads its weights from.
@@ -57,6 +57,8 @@ class BorrowedParts:
     clip: Any
     vae: Any
     plans: dict
+    # ICE computes with the weights themselves, so ComfyUI must patch the user's LoRAs into them when it loads
+    patch_weights: ClassVar[bool] = True
 
     def patchers(self, parts: Sequence[str]) -> list:
         by_part = {"unet": self.model, "text_encoder": self.clip.patcher, "vae": self.vae.patcher}
@@ -100,6 +102,7 @@ class OwnedParts:
     """A bundle that holds its own weights, each part wrapped in a ComfyUI ModelPatcher."""
 
     by_part: dict
+    patch_weights: ClassVar[bool] = False  # nothing is ever patched into them
 
     def patchers(self, parts: Sequence[str]) -> list:
         return [self.by_part[part] for part in parts]
@@ -193,8 +196,8 @@ def engine_session(ice_model: IceModel | None = None, parts: Sequence[str] = ALL
     patchers = list(ice_model.parts.patchers(parts)) if ice_model is not None else []
     if retriever is not None:
         patchers.append(retriever_patcher(retriever))
-    borrowed = ice_model is not None and isinstance(ice_model.parts, BorrowedParts)
-    management.load_models_gpu(patchers, force_patch_weights=borrowed, force_full_load=True)
+    patch_weights = ice_model is not None and ice_model.parts.patch_weights
+    management.load_models_gpu(patchers, force_patch_weights=patch_weights, force_full_load=True)
     ready = contextlib.nullcontext() if ice_model is None else ice_model.parts.ready(ice_model.bundle, parts, device)
     try:
         with ready, torch.inference_mode(False), torch.enable_grad():
